@@ -1,0 +1,3 @@
+"""hbone: HBONE tunnels (HTTP/2 CONNECT over mutual TLS) on Twisted."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,294 @@
+"""The HBONE client: a connection pool and the ``hbone`` client endpoint.
+
+:class:`Pool` keeps outbound mTLS HTTP/2 connections keyed by (local SPIFFE ID,
+expected peer identities, peer address) (PROTOCOL §3 "Pooling"):
+
+* up to min(peer MAX_CONCURRENT_STREAMS, 100) streams on one connection;
+* one connection attempt in flight per key, others wait for it (ztunnel#931);
+* a new connection only when every pooled one is full;
+* a connection is usable only after the server's first SETTINGS;
+* a connection leaves the pool on GOAWAY (its live tunnels finish), on a missed
+  PING ACK, on a transport error, or after 5 minutes without streams.
+
+:class:`HBoneClientEndpoint` is an ``IStreamClientEndpoint``: ``connect(factory)``
+opens one CONNECT (or POST form) stream and, on ``200``, runs ``factory``'s protocol
+on it. A stream the peer did not process (GOAWAY below it, REFUSED_STREAM) is
+retried once on another connection.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from h2.errors import ErrorCodes
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from hbone.address import Target, formatForwarded, newTraceparent, parseAuthority
+from hbone.dialer import TunnelRequest, connectErrorOf
+from hbone.errors import HopUnreachable, ResponseTimeout
+from hbone.h2.connection import ConnectionSettings, HBoneH2Factory, RefusedStream
+
+__all__ = ["HBoneHop", "Pool", "HBoneClientEndpoint"]
+
+
+@dataclass(frozen=True)
+class HBoneHop:
+    """An HBONE peer: its address, the identities it may present, and the form.
+
+    :param identities: IdentityPattern objects; None means "any SVID of our own
+        trust domain" (SECURITY §4.2), logged once per connection.
+    :param method: ``"connect"`` or ``"post"`` (the ``/_hbone/`` form).
+    """
+
+    host: str
+    port: int
+    identities: tuple | None = None
+    method: str = "connect"
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"hbone://{host}:{self.port}"
+
+
+class _Entry:
+    __slots__ = ("hop", "conns", "connecting", "waiters")
+
+    def __init__(self, hop: HBoneHop) -> None:
+        self.hop = hop
+        self.conns: list = []
+        self.connecting: defer.Deferred | None = None
+        self.waiters: deque[defer.Deferred] = deque()
+
+
+class Pool:
+    """Outbound HBONE connections, shared by every tunnel of this node."""
+
+    log = Logger()
+
+    def __init__(self, reactor, identity, settings: ConnectionSettings = ConnectionSettings(),
+                 connectTimeout: float = 10.0, name: str = "hbone") -> None:
+        self.reactor = reactor
+        self.identity = identity
+        self.settings = settings
+        self.connectTimeout = connectTimeout
+        self.name = name
+        self._entries: dict[tuple, _Entry] = {}
+        self.connectionsOpened = 0
+        self._closing = False
+
+    def _key(self, hop: HBoneHop) -> tuple:
+        return (str(self.identity.localId), hop.identities, hop.host, hop.port)
+
+    def connections(self, hop: HBoneHop) -> list:
+        entry = self._entries.get(self._key(hop))
+        return list(entry.conns) if entry else []
+
+    def acquire(self, hop: HBoneHop) -> defer.Deferred:
+        """A Deferred firing with a ready connection that has a stream slot reserved
+        for the caller (who must then call ``openTunnel`` and drop the reservation)."""
+        if self._closing:
+            return defer.fail(HopUnreachable("the pool is shutting down"))
+        key = self._key(hop)
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = _Entry(hop)
+
+        def cancel(d):
+            try:
+                entry.waiters.remove(d)
+            except ValueError:
+                pass
+
+        d = defer.Deferred(cancel)
+        entry.waiters.append(d)
+        self._service(key)
+        return d
+
+    def _service(self, key: tuple) -> None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return
+        while entry.waiters:
+            best = None
+            for conn in entry.conns:
+                if conn.capacity > 0 and (best is None or conn.capacity > best.capacity):
+                    best = conn
+            if best is None:
+                break
+            d = entry.waiters.popleft()
+            best.reserved += 1
+            d.callback(best)
+        if entry.waiters and entry.connecting is None:
+            self._startConnect(key, entry)
+        if not entry.waiters and not entry.conns and entry.connecting is None:
+            self._entries.pop(key, None)
+
+    def _startConnect(self, key: tuple, entry: _Entry) -> None:
+        d = defer.Deferred.fromCoroutine(self._connect(entry.hop))
+        entry.connecting = d
+
+        def connected(conn):
+            entry.connecting = None
+            self.connectionsOpened += 1
+            entry.conns.append(conn)
+            conn.onCapacity = lambda c: self._service(key)
+            conn.onGoingAway = lambda c: self._remove(key, c)
+            conn.onClosed = lambda c, reason: self._remove(key, c)
+            if conn.peerIdentity is not None and entry.hop.identities is None:
+                self.log.info(
+                    "{hop} presented {identity} (no identity= configured for this hop; "
+                    "naming it is recommended)",
+                    hop=str(entry.hop),
+                    identity=str(conn.peerIdentity),
+                )
+            self._service(key)
+
+        def failed(f):
+            entry.connecting = None
+            waiters, entry.waiters = entry.waiters, deque()
+            for w in waiters:
+                w.errback(f)
+            self._service(key)
+
+        d.addCallbacks(connected, failed)
+
+    def _remove(self, key: tuple, conn) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and conn in entry.conns:
+            entry.conns.remove(conn)
+            self._service(key)
+
+    async def _connect(self, hop: HBoneHop):
+        what = f"{hop}"
+        if ":" in hop.host:
+            tcp = TCP6ClientEndpoint(self.reactor, hop.host, hop.port, timeout=self.connectTimeout)
+        else:
+            try:
+                parseAuthority(f"{hop.host}:{hop.port}")
+                isIPv4 = all(p.isdigit() for p in hop.host.split("."))
+            except Exception:
+                isIPv4 = False
+            if isIPv4:
+                tcp = TCP4ClientEndpoint(self.reactor, hop.host, hop.port, timeout=self.connectTimeout)
+            else:
+                tcp = HostnameEndpoint(self.reactor, hop.host, hop.port, timeout=self.connectTimeout)
+        endpoint = wrapClientTLS(self.identity.clientCreator(hop.identities, b"h2"), tcp)
+        factory = HBoneH2Factory(
+            "client", self.reactor, self.settings, None, b"h2", self.identity.localId, self.name
+        )
+        try:
+            conn = await endpoint.connect(factory)
+        except Exception as e:
+            raise connectErrorOf(e, what) from None
+        return await conn.whenReady()
+
+    def closeAll(self) -> defer.Deferred:
+        """GOAWAY and close every pooled connection (their tunnels end)."""
+        self._closing = True
+        ds = []
+        for entry in list(self._entries.values()):
+            for w in list(entry.waiters):
+                w.errback(HopUnreachable("the pool is shutting down"))
+            entry.waiters.clear()
+            if entry.connecting is not None:
+                entry.connecting.cancel()
+            for conn in list(entry.conns):
+                if not conn.closed and conn.transport is not None:
+                    d = defer.Deferred()
+                    prev = conn.onClosed
+                    conn.onClosed = lambda c, r, d=d, prev=prev: (prev and prev(c, r), d.callback(None))
+                    ds.append(d)
+                    conn.goAway(ErrorCodes.NO_ERROR)
+                    conn.transport.loseConnection()
+        self._entries.clear()
+        return defer.DeferredList(ds)
+
+
+@implementer(IStreamClientEndpoint)
+class HBoneClientEndpoint:
+    """One tunnel to ``target`` through ``hop`` per ``connect()``."""
+
+    log = Logger()
+
+    def __init__(self, pool: Pool, hop: HBoneHop, target: Target | str,
+                 request: TunnelRequest | None = None, responseTimeout: float = 15.0) -> None:
+        self.pool = pool
+        self.hop = hop
+        self.target = parseAuthority(target) if isinstance(target, str) else target
+        self.request = request
+        self.responseTimeout = responseTimeout
+
+    def _headers(self) -> list[tuple[bytes, bytes]]:
+        request = self.request
+        if self.hop.method == "post":
+            hostport = f"[{self.hop.host}]:{self.hop.port}" if ":" in self.hop.host else f"{self.hop.host}:{self.hop.port}"
+            headers = [
+                (b":method", b"POST"),
+                (b":scheme", b"https"),
+                (b":authority", hostport.encode("ascii")),
+                (b":path", self.target.hbonePath().encode("ascii")),
+                (b"content-type", b"application/octet-stream"),
+            ]
+        else:
+            headers = [
+                (b":method", b"CONNECT"),
+                (b":authority", self.target.authority().encode("ascii")),
+            ]
+        if request is not None and request.source is not None:
+            headers.append((b"forwarded", formatForwarded(*request.source).encode("ascii")))
+        tp = request.traceparent if request is not None else newTraceparent()
+        headers.append((b"traceparent", tp.encode("ascii")))
+        if request is not None and request.baggage:
+            headers.append((b"baggage", request.baggage.encode("latin-1")))
+        return headers
+
+    def connect(self, protocolFactory) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._connect(protocolFactory))
+
+    async def _connect(self, protocolFactory):
+        clock = self.pool.reactor
+        for attempt in (1, 2):
+            conn = await self.pool.acquire(self.hop)
+            conn.reserved -= 1
+            try:
+                stream, response = conn.openTunnel(self._headers(), self.target.authority())
+            except RefusedStream:
+                if attempt == 2:
+                    raise
+                continue
+            timedOut = []
+
+            def expire():
+                timedOut.append(True)
+                response.cancel()
+
+            timer = clock.callLater(self.responseTimeout, expire)
+            try:
+                await response
+            except RefusedStream:
+                if attempt == 2:
+                    raise
+                continue
+            except defer.CancelledError:
+                stream.resetStream(ErrorCodes.CANCEL)
+                if timedOut:
+                    raise ResponseTimeout(
+                        f"{self.hop} sent no response for {self.target.authority()} "
+                        f"within {self.responseTimeout:g}s"
+                    ) from None
+                raise
+            finally:
+                if timer.active():
+                    timer.cancel()
+            protocol = protocolFactory.buildProtocol(stream.getPeer())
+            if protocol is None:
+                stream.resetStream(ErrorCodes.CANCEL)
+                raise HopUnreachable("the protocol factory refused the tunnel")
+            stream.makeConnection(protocol)
+            return protocol
+        raise HopUnreachable(f"{self.hop}: stream refused twice")  # pragma: no cover

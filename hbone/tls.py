@@ -1,0 +1,387 @@
+"""Mutual TLS for HBONE: pyOpenSSL contexts with per-connection SPIFFE verification.
+
+``service_identity`` checks DNS names and cannot check SPIFFE IDs, so peer
+verification is our own: OpenSSL validates the chain against the trust bundles, and
+the verify callback, at the leaf, applies the X509-SVID rules (PROTOCOL §2) through
+:func:`hbone.identity.svidFromCertificate`, checks that the trust domain of the SAN is
+the one whose bundle anchored the chain, and (clients) that the ID is one the hop
+expects. A refusal fails the handshake with an alert; the reason is kept on the
+connection's :class:`VerifyState` so the log can name the certificate and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from hbone.identity import (
+    IdentityPattern,
+    SpiffeId,
+    SvidError,
+    describeCertificate,
+    svidFromCertificate,
+)
+
+__all__ = [
+    "ALPN_H2",
+    "ALPN_H2R",
+    "Identity",
+    "IdentityConfigError",
+    "VerifyState",
+    "verifyStateOf",
+]
+
+ALPN_H2 = b"h2"
+ALPN_H2R = b"h2r"
+
+#: The only TLS 1.3 suites ztunnel offers (PROTOCOL §2).
+TLS13_SUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384"
+
+#: Istio's file names inside a ``--certs`` directory.
+CERT_CHAIN = "cert-chain.pem"
+KEY = "key.pem"
+ROOT_CERT = "root-cert.pem"
+
+
+class IdentityConfigError(Exception):
+    """Certificates or keys that cannot be used; the message names the file and the fix."""
+
+
+def _verifyErrorText(errno: int) -> str:
+    try:
+        from OpenSSL._util import ffi, lib  # private, but only for a message
+
+        return ffi.string(lib.X509_verify_cert_error_string(errno)).decode("ascii", "replace")
+    except Exception:  # pragma: no cover - message only
+        return f"X509 verify error {errno}"
+
+
+@dataclass
+class VerifyState:
+    """What the verify callback learned about one TLS connection's peer."""
+
+    peerId: SpiffeId | None = None
+    reason: str | None = None
+    certificate: str | None = None
+    anchorDomains: frozenset[str] = frozenset()
+    chainDepth: int = -1
+    role: str = ""
+
+
+def verifyStateOf(tlsConnection: SSL.Connection) -> VerifyState | None:
+    """The :class:`VerifyState` of a connection made by our creators.
+
+    Twisted's TLS layer sets the connection's app data to its protocol, so the
+    state is kept on that protocol; a bare ``SSL.Connection`` keeps it as app data."""
+    data = tlsConnection.get_app_data()
+    if isinstance(data, VerifyState):
+        return data
+    state = getattr(data, "hboneVerifyState", None)
+    return state if isinstance(state, VerifyState) else None
+
+
+def _fingerprint(cert: x509.Certificate) -> bytes:
+    return cert.fingerprint(hashes.SHA256())
+
+
+def _loadPEMCertificates(path: Path) -> list[x509.Certificate]:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise IdentityConfigError(f"cannot read certificate file {path}: {e.strerror}") from None
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certs = []
+    if not certs:
+        raise IdentityConfigError(f"{path} holds no PEM certificate")
+    return certs
+
+
+class Identity:
+    """This node's SVID, key and trust bundles; builds TLS connection creators.
+
+    :param chain: leaf first, then any intermediates.
+    :param trustBundles: trust domain -> CA certificates. The local trust domain
+        (the leaf's) must be present; any other entry is a federated domain.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        chain: Sequence[x509.Certificate],
+        key,
+        trustBundles: dict[str, Sequence[x509.Certificate]],
+        allowTLS12: bool = False,
+        source: str = "<memory>",
+    ) -> None:
+        if not chain:
+            raise IdentityConfigError(f"{source}: no certificate")
+        try:
+            self.localId = svidFromCertificate(chain[0])
+        except SvidError as e:
+            raise IdentityConfigError(
+                f"{source}: our own certificate is not a usable X509-SVID: {e}"
+            ) from None
+        if self.localId.trustDomain not in trustBundles:
+            raise IdentityConfigError(
+                f"{source}: no trust bundle for our own trust domain {self.localId.trustDomain!r}"
+            )
+        self.chain = list(chain)
+        self._key = key
+        self.trustBundles = {td: list(certs) for td, certs in trustBundles.items()}
+        self.allowTLS12 = allowTLS12
+        self.source = source
+        self._anchors: dict[bytes, set[str]] = {}
+        for td, certs in self.trustBundles.items():
+            for cert in certs:
+                self._anchors.setdefault(_fingerprint(cert), set()).add(td)
+        self._contexts: dict[tuple, SSL.Context] = {}
+
+    @property
+    def trustDomain(self) -> str:
+        return self.localId.trustDomain
+
+    @property
+    def notAfter(self):
+        return self.chain[0].not_valid_after_utc
+
+    # -- loading ---------------------------------------------------------
+
+    @classmethod
+    def fromFiles(
+        cls,
+        certChain: str | os.PathLike,
+        key: str | os.PathLike,
+        roots: str | os.PathLike,
+        federated: dict[str, str | os.PathLike] | None = None,
+        allowTLS12: bool = False,
+    ) -> "Identity":
+        certChain, key, roots = Path(certChain), Path(key), Path(roots)
+        chain = _loadPEMCertificates(certChain)
+        try:
+            keyData = key.read_bytes()
+        except OSError as e:
+            raise IdentityConfigError(f"cannot read private key {key}: {e.strerror}") from None
+        try:
+            privateKey = serialization.load_pem_private_key(keyData, password=None)
+        except (ValueError, TypeError) as e:
+            raise IdentityConfigError(f"{key} is not an unencrypted PEM private key: {e}") from None
+        try:
+            mode = key.stat().st_mode
+            if mode & 0o077:
+                cls.log.warn(
+                    "private key {key} is readable by group or others (mode {mode:o}); chmod 600 it",
+                    key=str(key),
+                    mode=mode & 0o777,
+                )
+        except OSError:
+            pass
+        rootCerts = _loadPEMCertificates(roots)
+        try:
+            leafId = svidFromCertificate(chain[0])
+        except SvidError as e:
+            raise IdentityConfigError(f"{certChain}: not a usable X509-SVID: {e}") from None
+        bundles: dict[str, list[x509.Certificate]] = {leafId.trustDomain: rootCerts}
+        for td, path in (federated or {}).items():
+            bundles[td] = _loadPEMCertificates(Path(path))
+        leafKey = chain[0].public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        ownKey = privateKey.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        if leafKey != ownKey:
+            raise IdentityConfigError(f"{key} does not match the certificate in {certChain}")
+        return cls(chain, privateKey, bundles, allowTLS12=allowTLS12, source=str(certChain))
+
+    @classmethod
+    def fromDirectory(cls, directory: str | os.PathLike, **kw) -> "Identity":
+        """Istio's layout: cert-chain.pem, key.pem, root-cert.pem."""
+        d = Path(directory)
+        if not d.is_dir():
+            raise IdentityConfigError(
+                f"--certs {d}: not a directory (expected {CERT_CHAIN}, {KEY}, {ROOT_CERT}; "
+                f"make one with 'hbone certs issue')"
+            )
+        return cls.fromFiles(d / CERT_CHAIN, d / KEY, d / ROOT_CERT, **kw)
+
+    # -- contexts ----------------------------------------------------------
+
+    def _baseContext(self) -> SSL.Context:
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION if self.allowTLS12 else SSL.TLS1_3_VERSION)
+        ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
+        ctx.set_tls13_ciphersuites(TLS13_SUITES)
+        if self.allowTLS12:
+            ctx.set_cipher_list(b"ECDHE+AESGCM")
+        ctx.set_options(
+            SSL.OP_NO_TICKET
+            | SSL.OP_NO_RENEGOTIATION
+            | SSL.OP_NO_COMPRESSION
+            | SSL.OP_CIPHER_SERVER_PREFERENCE
+        )
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        ctx.use_certificate(crypto.X509.from_cryptography(self.chain[0]))
+        for extra in self.chain[1:]:
+            ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+        ctx.use_privatekey(crypto.PKey.from_cryptography_key(self._key))
+        ctx.check_privatekey()
+        store = ctx.get_cert_store()
+        seen = set()
+        for certs in self.trustBundles.values():
+            for cert in certs:
+                fp = _fingerprint(cert)
+                if fp not in seen:
+                    seen.add(fp)
+                    store.add_cert(crypto.X509.from_cryptography(cert))
+        return ctx
+
+    def _verifier(self, expected: tuple[IdentityPattern, ...] | None):
+        anchors = self._anchors
+        localTD = self.trustDomain
+        allowed = set(self.trustBundles)
+
+        def verify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+            state = verifyStateOf(conn)
+            if state is None:  # pragma: no cover - defensive
+                return False
+            if state.chainDepth < depth:
+                state.chainDepth = depth
+                state.anchorDomains = frozenset(anchors.get(_fingerprint(cert.to_cryptography()), ()))
+            if not ok:
+                if state.reason is None:
+                    state.reason = _verifyErrorText(errno)
+                    state.certificate = describeCertificate(cert.to_cryptography())
+                return False
+            if depth != 0:
+                return True
+            leaf = cert.to_cryptography()
+            state.certificate = describeCertificate(leaf)
+            try:
+                peer = svidFromCertificate(leaf)
+            except SvidError as e:
+                state.reason = str(e)
+                return False
+            if peer.trustDomain not in allowed:
+                state.reason = (
+                    f"trust domain {peer.trustDomain!r} is neither ours ({localTD!r}) nor federated"
+                )
+                return False
+            if peer.trustDomain not in state.anchorDomains:
+                state.reason = (
+                    f"{peer} chains to a root of another trust domain "
+                    f"({', '.join(sorted(state.anchorDomains)) or 'none'})"
+                )
+                return False
+            if expected is not None:
+                if not any(p.matches(peer) for p in expected):
+                    state.reason = (
+                        f"server identity {peer} is not the expected "
+                        f"{' or '.join(str(p) for p in expected)}"
+                    )
+                    return False
+            elif state.role == "client" and peer.trustDomain != localTD:
+                state.reason = f"server identity {peer} is not of our trust domain {localTD!r}"
+                return False
+            state.peerId = peer
+            return True
+
+        return verify
+
+    def serverContext(self, alpn: bytes = ALPN_H2) -> SSL.Context:
+        key = ("server", alpn)
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            ctx = self._baseContext()
+            ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verifier(None))
+
+            def select(conn: SSL.Connection, offered: list[bytes]):
+                if alpn in offered:
+                    return alpn
+                state = verifyStateOf(conn)
+                if state is not None and state.reason is None:
+                    state.reason = (
+                        f"client offered ALPN {b','.join(offered).decode('ascii', 'replace')!r}, "
+                        f"this listener speaks only {alpn.decode()!r}"
+                    )
+                return SSL.NO_OVERLAPPING_PROTOCOLS
+
+            ctx.set_alpn_select_callback(select)
+            self._contexts[key] = ctx
+        return ctx
+
+    def clientContext(
+        self, expected: Iterable[IdentityPattern] | None = None, alpn: bytes = ALPN_H2
+    ) -> SSL.Context:
+        exp = tuple(expected) if expected is not None else None
+        key = ("client", alpn, exp)
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            ctx = self._baseContext()
+            ctx.set_verify(SSL.VERIFY_PEER, self._verifier(exp))
+            ctx.set_alpn_protos([alpn])
+            self._contexts[key] = ctx
+        return ctx
+
+    def serverCreator(self, alpn: bytes = ALPN_H2) -> "ServerCreator":
+        return ServerCreator(self, alpn)
+
+    def clientCreator(
+        self, expected: Iterable[IdentityPattern] | None = None, alpn: bytes = ALPN_H2
+    ) -> "ClientCreator":
+        return ClientCreator(self, tuple(expected) if expected is not None else None, alpn)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerCreator:
+    def __init__(self, identity: Identity, alpn: bytes) -> None:
+        self.identity = identity
+        self.alpn = alpn
+
+    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        conn = SSL.Connection(self.identity.serverContext(self.alpn), None)
+        state = VerifyState(role="server")
+        conn.set_app_data(state)
+        if tlsProtocol is not None:
+            tlsProtocol.hboneVerifyState = state
+        conn.set_accept_state()
+        return conn
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ClientCreator:
+    def __init__(self, identity: Identity, expected, alpn: bytes) -> None:
+        self.identity = identity
+        self.expected = expected
+        self.alpn = alpn
+
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        conn = SSL.Connection(self.identity.clientContext(self.expected, self.alpn), None)
+        state = VerifyState(role="client")
+        conn.set_app_data(state)
+        if tlsProtocol is not None:
+            tlsProtocol.hboneVerifyState = state
+        conn.set_connect_state()
+        # No SNI toward mesh peers (PROTOCOL §2).
+        return conn
+
+
+def negotiatedProtocol(tlsTransport) -> bytes | None:
+    try:
+        return tlsTransport.getHandle().get_alpn_proto_negotiated() or None
+    except Exception:
+        return None
