@@ -26,7 +26,7 @@ from typing import Callable
 
 from h2.errors import ErrorCodes
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -54,6 +54,32 @@ def abortTransport(transport, streamErrorCode: int = ErrorCodes.CONNECT_ERROR) -
     except Exception:
         pass
     transport.abortConnection()
+
+
+@implementer(IPushProducer)
+class _PeerProducer:
+    """A transport as the producer of its peer's transport, without ``stopProducing``.
+
+    When a TCP transport dies, Twisted calls its producer's ``stopProducing``
+    *before* the protocol's ``connectionLost``; for an HTTP/2 stream that is
+    RST_STREAM(CANCEL), which would pre-empt the half's own decision: a clean end,
+    or RST_STREAM(CONNECT_ERROR) for a socket error (PROTOCOL §7). The half's
+    ``connectionLost`` always follows and ends the peer the right way.
+    """
+
+    __slots__ = ("transport",)
+
+    def __init__(self, transport) -> None:
+        self.transport = transport
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
 
 
 @implementer(IHalfCloseableProtocol)
@@ -185,8 +211,8 @@ def join(a: SpliceProtocol, b: SpliceProtocol, tracker: "TunnelTracker | None" =
             if not other.lost:
                 half.connectionLost(half.lostReason)
             return tunnel
-    a.transport.registerProducer(b.transport, True)
-    b.transport.registerProducer(a.transport, True)
+    a.transport.registerProducer(_PeerProducer(b.transport), True)
+    b.transport.registerProducer(_PeerProducer(a.transport), True)
     for half in (a, b):
         if half._earlyEnd:
             half.readConnectionLost()

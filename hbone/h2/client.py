@@ -80,6 +80,9 @@ class Pool:
         self._entries: dict[tuple, _Entry] = {}
         self.connectionsOpened = 0
         self._closing = False
+        # every open connection, pooled or draining (left the pool on GOAWAY but
+        # still carrying tunnels): closeAll must reach them all
+        self._live: set = set()
 
     def _key(self, hop: HBoneHop) -> tuple:
         return (str(self.identity.localId), hop.identities, hop.host, hop.port)
@@ -136,9 +139,10 @@ class Pool:
             entry.connecting = None
             self.connectionsOpened += 1
             entry.conns.append(conn)
+            self._live.add(conn)
             conn.onCapacity = lambda c: self._service(key)
             conn.onGoingAway = lambda c: self._remove(key, c)
-            conn.onClosed = lambda c, reason: self._remove(key, c)
+            conn.onClosed = lambda c, reason: self._closed(key, c)
             if conn.peerIdentity is not None and entry.hop.identities is None:
                 self.log.info(
                     "{hop} presented {identity} (no identity= configured for this hop; "
@@ -156,6 +160,10 @@ class Pool:
             self._service(key)
 
         d.addCallbacks(connected, failed)
+
+    def _closed(self, key: tuple, conn) -> None:
+        self._live.discard(conn)
+        self._remove(key, conn)
 
     def _remove(self, key: tuple, conn) -> None:
         entry = self._entries.get(key)
@@ -185,7 +193,13 @@ class Pool:
             conn = await endpoint.connect(factory)
         except Exception as e:
             raise connectErrorOf(e, what) from None
-        return await conn.whenReady()
+        try:
+            return await conn.whenReady()
+        except BaseException:
+            # cancelled (closeAll) during the handshake: do not leave it open
+            if not conn.closed and conn.transport is not None:
+                conn.transport.abortConnection()
+            raise
 
     def closeAll(self) -> defer.Deferred:
         """GOAWAY and close every pooled connection (their tunnels end)."""
@@ -197,14 +211,18 @@ class Pool:
             entry.waiters.clear()
             if entry.connecting is not None:
                 entry.connecting.cancel()
-            for conn in list(entry.conns):
-                if not conn.closed and conn.transport is not None:
-                    d = defer.Deferred()
-                    prev = conn.onClosed
-                    conn.onClosed = lambda c, r, d=d, prev=prev: (prev and prev(c, r), d.callback(None))
-                    ds.append(d)
-                    conn.goAway(ErrorCodes.NO_ERROR)
-                    conn.transport.loseConnection()
+        # pooled connections and draining ones (GOAWAY received, tunnels still live)
+        for conn in list(self._live):
+            if not conn.closed and conn.transport is not None:
+                d = defer.Deferred()
+                prev = conn.onClosed
+                conn.onClosed = lambda c, r, d=d, prev=prev: (prev and prev(c, r), d.callback(None))
+                ds.append(d)
+                conn.goAway(ErrorCodes.NO_ERROR)
+                # not transport.loseConnection(): the connection is its transport's
+                # producer, and TLS never shuts down while one is registered
+                conn.loseConnection()
+        self._live.clear()
         self._entries.clear()
         return defer.DeferredList(ds)
 

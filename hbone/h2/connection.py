@@ -102,7 +102,7 @@ class RefusedStream(HopUnreachable):
 
 class HBoneH2Connection(H2Connection):
     """h2's connection with hbone's settings in force from the first byte, and a
-    GOAWAY that is reported rather than obeyed.
+    GOAWAY that is reported rather than obeyed, and POST body lengths left to hbone.
 
     Stock h2 moves to CLOSED on a received GOAWAY and drops queued output
     (python-hyper/h2#1181), which would kill live tunnels on a draining peer. Here a
@@ -128,6 +128,16 @@ class HBoneH2Connection(H2Connection):
         self.decoder.max_header_list_size = settings.maxHeaderListSize
         self.max_inbound_frame_size = settings.maxFrameSize
         self._frame_dispatch_table[GoAwayFrame] = self._receiveGoAwayReported
+
+    def _receive_headers_frame(self, frame):
+        # A POST body that runs long or ends early is a stream error, enforced by
+        # H2TunnelStream.expectBodyLength (PROTOCOL §5); h2's own check would make
+        # it a connection error and kill every other tunnel on the connection.
+        frames, events = super()._receive_headers_frame(frame)
+        stream = self.streams.get(frame.stream_id)
+        if stream is not None:
+            stream._expected_content_length = None
+        return frames, events
 
     def _receiveGoAwayReported(self, frame: GoAwayFrame):
         event = ConnectionTerminated()
@@ -217,6 +227,9 @@ class HBoneH2Protocol(Protocol):
         self._readyWaiters: list[defer.Deferred] = []
         self.goingAway = False  # no new streams on this connection
         self.sentGoAway = False
+        self.goAwayLastStreamID = MAX_STREAM_ID  # the lowest last_stream_id we sent
+        self._registered = False  # as our transport's producer
+        self._h2Closed = False  # h2 hit a protocol error and queued its GOAWAY
         self.closed = False
         self._failure: Failure | None = None
         self._timer = None
@@ -236,6 +249,7 @@ class HBoneH2Protocol(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
+        self._registered = True
         now = self.clock.seconds()
         self._lastReceived = now
         if self.expectALPN is None:
@@ -323,32 +337,28 @@ class HBoneH2Protocol(Protocol):
 
     def _tick(self) -> None:
         self._timer = None
-        if self.closed:
+        if self.closed or self._h2Closed:
             return
         now = self.clock.seconds()
         if self._deadline is not None and now >= self._deadline:
             what = self._deadlineWhat
-            self._failure = Failure(
-                HopUnreachable(f"{what} did not finish within the deadline", 504, "connection_timeout")
-            )
             self.log.info(
                 "closing connection with {peer}: no {what} within the deadline",
                 peer=_fmtPeer(self.transport),
                 what=what,
             )
-            self.transport.abortConnection()
+            self._abort(HopUnreachable(f"{what} did not finish within the deadline", 504, "connection_timeout"))
             return
         if self.ready:
             if self._pingSentAt is not None:
                 if now >= self._pingSentAt + self.settings.pingTimeout:
-                    self._failure = Failure(ConnectionLost("missed PING ACK"))
                     self.log.info(
                         "closing connection with {peer} ({identity}): no PING ACK in {t}s",
                         peer=_fmtPeer(self.transport),
                         identity=str(self.peerIdentity),
                         t=self.settings.pingTimeout,
                     )
-                    self.transport.abortConnection()
+                    self._abort(ConnectionLost("missed PING ACK"))
                     return
             elif now >= self._lastReceived + self.settings.keepaliveInterval:
                 self._pingSentAt = now
@@ -361,17 +371,15 @@ class HBoneH2Protocol(Protocol):
             ):
                 self.log.debug("closing idle connection to {peer}", peer=_fmtPeer(self.transport))
                 self.goAway(ErrorCodes.NO_ERROR)
-                self.goingAway = True
-                if self.onGoingAway:
-                    self.onGoingAway(self)
-                self.transport.loseConnection()
+                self._setGoingAway()
+                self.loseConnection()
                 return
         self._schedule()
 
     # -- receiving -------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self._h2Closed:
             return
         self._lastReceived = self.clock.seconds()
         self._inReceive = True
@@ -405,6 +413,8 @@ class HBoneH2Protocol(Protocol):
         # h2 has already queued its GOAWAY
         self._inReceive = False
         self._flush()
+        self._h2Closed = True
+        self.sentGoAway = True
         self._failure = Failure(ConnectionLost(f"HTTP/2 protocol error: {error}"))
         self._closeAfterGoAway()
 
@@ -429,7 +439,8 @@ class HBoneH2Protocol(Protocol):
         if self.role != "server" or self.streamHandler is None:
             self._conn.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
             return
-        if self.sentGoAway:
+        if self.sentGoAway and sid > self.goAwayLastStreamID:
+            # above the last id we promised to process (RFC 9113 §6.8)
             self._conn.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             return
         headers = event.headers
@@ -525,9 +536,7 @@ class HBoneH2Protocol(Protocol):
     def _onGoAway(self, event: ConnectionTerminated) -> None:
         code = event.error_code
         last = event.last_stream_id
-        self.goingAway = True
-        if self.onGoingAway:
-            self.onGoingAway(self)
+        self._setGoingAway()
         if code != ErrorCodes.NO_ERROR:
             name = code.name if isinstance(code, ErrorCodes) else str(code)
             self.log.info(
@@ -537,8 +546,7 @@ class HBoneH2Protocol(Protocol):
                 code=name,
                 n=len(self.streams),
             )
-            self._failure = Failure(ConnectionLost(f"peer sent GOAWAY({name})"))
-            self.transport.abortConnection()
+            self._abort(ConnectionLost(f"peer sent GOAWAY({name})"))
             return
         # Graceful: streams above last_stream_id were not processed (retryable);
         # the rest run to completion.
@@ -551,8 +559,8 @@ class HBoneH2Protocol(Protocol):
                 stream._close(Failure(refused))
                 if d is not None:
                     d.errback(refused)
-        if not self.streams:
-            self.transport.loseConnection()
+        if not self.streams and not self.closed:
+            self.loseConnection()
 
     _handlers = {
         RemoteSettingsChanged: _onRemoteSettings,
@@ -690,7 +698,7 @@ class HBoneH2Protocol(Protocol):
         self._flush()
 
     def _acknowledge(self, stream: H2TunnelStream, n: int) -> None:
-        if self.closed:
+        if self.closed or self._h2Closed:
             return
         self._conn.acknowledge_received_data(n, stream.streamID)
         if not self._inReceive:
@@ -715,7 +723,7 @@ class HBoneH2Protocol(Protocol):
         if not self.streams:
             self._idleSince = self.clock.seconds()
             if self.goingAway and not self.closed and self.transport is not None:
-                self.transport.loseConnection()
+                self.loseConnection()
                 return
             self._schedule()
         if self.onCapacity is not None and not self.closed:
@@ -734,8 +742,7 @@ class HBoneH2Protocol(Protocol):
                 identity=str(self.peerIdentity),
                 cap=self.settings.maxControlBytesWhilePaused,
             )
-            self._failure = Failure(ConnectionLost("peer stopped reading"))
-            self.transport.abortConnection()
+            self._abort(ConnectionLost("peer stopped reading"))
             return
         self.transport.write(data)
 
@@ -745,18 +752,47 @@ class HBoneH2Protocol(Protocol):
         """Send GOAWAY without moving h2 to CLOSED, so live streams keep flowing."""
         if lastStreamID is None:
             lastStreamID = self._conn.highest_inbound_stream_id
+        lastStreamID = min(lastStreamID, self.goAwayLastStreamID)  # it may only go down
         frame = GoAwayFrame(0, last_stream_id=lastStreamID, error_code=code)
         self.sentGoAway = True
+        self.goAwayLastStreamID = lastStreamID
         if self.transport is not None and not self.closed:
             self._flush()
             self.transport.write(frame.serialize())
 
     def _closeAfterGoAway(self) -> None:
+        self._setGoingAway()
         for stream in list(self.streams.values()):
             stream._connectionLost(self._failure)
-        self.transport.loseConnection()
+        self.loseConnection()
         if self._closeTimer is None:
             self._closeTimer = self.clock.callLater(self.settings.goAwayLinger, self._forceClose)
+
+    def _setGoingAway(self) -> None:
+        """No new streams here; tell the pool once."""
+        if self.goingAway:
+            return
+        self.goingAway = True
+        if self.onGoingAway is not None:
+            self.onGoingAway(self)
+
+    def _abort(self, why: Exception) -> None:
+        self._failure = Failure(why)
+        self._setGoingAway()
+        self.transport.abortConnection()
+
+    def loseConnection(self) -> None:
+        """Close the connection after what is queued (send GOAWAY first).
+
+        Callers must use this, not ``transport.loseConnection()``: this protocol is
+        its transport's producer, and ``TLSMemoryBIOProtocol`` does not begin its
+        TLS shutdown (so never closes) while a producer is registered."""
+        if self.transport is None or self.closed:
+            return
+        if self._registered:
+            self._registered = False
+            self.transport.unregisterProducer()
+        self.transport.loseConnection()
 
     def _forceClose(self) -> None:
         self._closeTimer = None

@@ -24,7 +24,7 @@ from hbone.address import (
     parseForwardedFor,
     parseHbonePath,
 )
-from hbone.dialer import TunnelRequest
+from hbone.dialer import TunnelRequest, connectErrorOf
 from hbone.errors import AccessDenied, ConnectLimit, HBoneError, RequestError
 from hbone.h2.connection import ConnectionSettings, HBoneH2Factory
 from hbone.logs import RejectionLog
@@ -188,7 +188,10 @@ class TunnelServer:
         except Exception as e:
             if stream.closed:
                 return
-            self._reject(stream, e, request.peerIdentity, request.target)
+            # any IDialer's endpoint may fail with a bare Twisted connect error;
+            # map it here too, so a timeout is 504 connection_timeout (PROTOCOL §6)
+            error = connectErrorOf(e, request.target.authority())
+            self._reject(stream, error, request.peerIdentity, request.target)
             return
         if stream.closed:
             abortTransport(outbound.transport)

@@ -166,9 +166,8 @@ class H2TunnelStream:
         """POST form with ``content-length``: the client->target direction ends after
         exactly ``length`` bytes (a half-close); a body that runs long, or ends
         early, resets the stream (PROTOCOL §5)."""
-        received = sum(len(c) for c in self._early or ())
-        self._bodyRemaining = length - received
-        if self._bodyRemaining < 0:
+        self._bodyRemaining = length - self.bytesReceived
+        if self._bodyRemaining < 0 or (self._bodyRemaining and self.remoteEnded):
             self.resetStream(ErrorCodes.PROTOCOL_ERROR)
         elif self._bodyRemaining == 0 and self.protocol is not None:
             self._deliverReadEnd()
@@ -355,6 +354,11 @@ class H2TunnelStream:
     def _close(self, reason: Failure) -> None:
         if self.closed:
             return
+        if self._unacked:
+            # never delivered (early data of a refused tunnel, a paused consumer):
+            # give the bytes back to the connection window, or it shrinks for good
+            n, self._unacked = self._unacked, 0
+            self.connection._acknowledge(self, n)
         self.closed = True
         self.connected = False
         self._closeReason = reason

@@ -1,0 +1,235 @@
+"""The ``hbone`` console script (gost-style ``-L``/``-F``), ``hbone certs`` and ``hbone dev``.
+
+This module and ``tap.py`` are the only places that import the global reactor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    Logger,
+    formatEvent,
+    globalLogBeginner,
+)
+
+from hbone import __version__
+
+__all__ = ["main"]
+
+log = Logger(namespace="hbone")
+
+EPILOG = """\
+examples:
+  # development CA and two identities
+  hbone certs init ./ca --trust-domain cluster.local
+  hbone certs issue ./ca --spiffe spiffe://cluster.local/ns/default/sa/server --ip 127.0.0.1 --out ./server
+  hbone certs issue ./ca --spiffe spiffe://cluster.local/ns/default/sa/client --out ./client
+
+  # HBONE server on 15008 that may dial 127.0.0.1:9000 (loopback is denied unless allowed)
+  hbone --certs ./server --allow 127.0.0.1:9000 -L hbone://127.0.0.1:15008
+
+  # every TCP connection to 127.0.0.1:7000 becomes one CONNECT stream to 127.0.0.1:9000
+  hbone --certs ./client -L tcp://127.0.0.1:7000/127.0.0.1:9000 \\
+        -F "hbone://127.0.0.1:15008?identity=spiffe://cluster.local/ns/default/sa/server"
+
+  # everything on loopback with minted development certificates
+  hbone dev
+
+listeners (-L):  tcp://[host]:port/target   fixed-target forwarder
+                 hbone://[host]:port        HBONE server (CONNECT and POST /_hbone/ over mTLS HTTP/2)
+hops (-F):       hbone://host:port[?identity=SPIFFE-ID-or-pattern][&method=post]
+An omitted listener host binds 127.0.0.1 (gost binds every address). Quote URLs with ? or &.
+A hop without identity= accepts any SVID of our own trust domain; naming it is recommended.
+"""
+
+
+def _normalizeFlags(argv: list[str]) -> list[str]:
+    """Accept gost's ``-L=:8080`` as well as ``-L :8080``."""
+    out = []
+    for arg in argv:
+        if len(arg) > 3 and arg[0] == "-" and arg[1] in "LFC" and arg[2] == "=":
+            out.extend([arg[:2], arg[3:]])
+        else:
+            out.append(arg)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hbone",
+        description=(
+            "HBONE tunnels: TCP carried as HTTP/2 CONNECT streams inside mutual TLS with SPIFFE "
+            "identities (Istio ambient mesh's protocol). Sub-commands: 'hbone certs --help' "
+            "(development CA), 'hbone dev --help' (a working local tunnel)."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-L", dest="listeners", action="append", default=[], metavar="URL",
+                   help="a listener, repeatable (see below)")
+    p.add_argument("-F", dest="hops", action="append", default=[], metavar="URL",
+                   help="forward every tunnel through this HBONE hop")
+    p.add_argument("--certs", metavar="DIR",
+                   help="identity directory with Istio's names: cert-chain.pem, key.pem, root-cert.pem")
+    p.add_argument("--cert", metavar="FILE", help="certificate chain (PEM, leaf first); with --key and --ca")
+    p.add_argument("--key", metavar="FILE", help="private key (PEM, unencrypted)")
+    p.add_argument("--ca", metavar="FILE", help="trust bundle of our trust domain (PEM)")
+    p.add_argument("--allow", action="append", default=[], metavar="ENTRY",
+                   help="allow a destination the default policy denies: an exact host:port "
+                        "(127.0.0.1:9000), a CIDR with optional ports (10.0.0.0/8:80,443), or a "
+                        "hostname suffix (.corp.example); repeatable")
+    p.add_argument("--allow-peer", dest="allowPeers", action="append", default=[], metavar="ID",
+                   help="also accept tunnels from this SPIFFE ID or spiffe://td/ns/N/* (by default: "
+                        "same trust domain and namespace as ours); repeatable")
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="upstream TCP connect timeout (default 10)")
+    p.add_argument("--idle-timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="reset a tunnel with no bytes either way for this long (default 3600)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    p.add_argument("--version", action="version", version=f"hbone {__version__}")
+    return p
+
+
+def _startLogging(verbose: bool, quiet: bool) -> None:
+    level = LogLevel.debug if verbose else LogLevel.warn if quiet else LogLevel.info
+
+    def emit(event):
+        text = formatEvent(event)
+        if event.get("log_failure") is not None and event["log_level"] >= LogLevel.error:
+            text += "\n" + event["log_failure"].getTraceback()
+        ns = event.get("log_namespace", "")
+        if (ns.startswith("twisted.") or ns == "log_legacy") and event["log_level"] < LogLevel.warn:
+            return  # Twisted's own port/factory chatter
+        sys.stderr.write(f"hbone: {text}\n")
+        sys.stderr.flush()
+
+    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(emit, [predicate])], redirectStandardIO=False)
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"hbone: error: {message}\n")
+    return 2
+
+
+def _loadIdentity(options):
+    from hbone.tls import Identity, IdentityConfigError
+
+    try:
+        if options.certs:
+            if options.cert or options.key or options.ca:
+                raise IdentityConfigError("give either --certs DIR or --cert/--key/--ca, not both")
+            return Identity.fromDirectory(options.certs)
+        if options.cert or options.key or options.ca:
+            if not (options.cert and options.key and options.ca):
+                raise IdentityConfigError("--cert, --key and --ca go together")
+            return Identity.fromFiles(options.cert, options.key, options.ca)
+    except IdentityConfigError as e:
+        raise SystemExit(_fail(str(e)))
+    return None
+
+
+def _run(reactor, nodes, ready) -> int:
+    """Bind every node's listeners, start them, run the reactor; 1 if a bind failed."""
+    from twisted.internet import defer
+
+    status = {"code": 0}
+
+    def stop():
+        if not status.get("stopping"):
+            status["stopping"] = True
+            reactor.callLater(0, reactor.stop)
+
+    async def start():
+        started = []
+        try:
+            for node in nodes:
+                await node.startListening()
+                node.startService()
+                started.append(node)
+        except Exception as e:
+            sys.stderr.write(f"hbone: error: {e}\n")
+            status["code"] = 1
+            for node in started:
+                await node.stopService()
+            stop()
+            return
+        for node in nodes:
+            reactor.addSystemEventTrigger("before", "shutdown", node.stopService)
+        result = ready()
+        if isinstance(result, defer.Deferred):
+            code = await result
+            status["code"] = code or 0
+            stop()
+
+    def boom(f):
+        sys.stderr.write(f"hbone: error: {f.getErrorMessage()}\n")
+        status["code"] = 1
+        stop()
+
+    reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(start()).addErrback(boom))
+    reactor.run()
+    return status["code"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "certs":
+        from hbone.ca import certsMain
+
+        return certsMain(argv[1:])
+    if argv and argv[0] == "dev":
+        from hbone.dev import devMain
+
+        return devMain(argv[1:])
+    parser = _parser()
+    options = parser.parse_args(_normalizeFlags(argv))
+    if not options.listeners:
+        parser.print_usage(sys.stderr)
+        return _fail("nothing to do: give at least one -L listener (see hbone --help), or try 'hbone dev'")
+    from hbone.service import Node, NodeConfigError, NodeSpec
+    from hbone.urls import URLError, parseHop, parseListener
+
+    try:
+        listeners = tuple(parseListener(x) for x in options.listeners)
+        hops = tuple(parseHop(x) for x in options.hops)
+    except URLError as e:
+        return _fail(str(e))
+    identity = _loadIdentity(options)
+    spec = NodeSpec(
+        listeners=listeners,
+        hops=hops,
+        identity=identity,
+        allow=tuple(options.allow),
+        allowPeers=tuple(options.allowPeers),
+        connectTimeout=options.connect_timeout,
+        idleTimeout=options.idle_timeout,
+    )
+    from twisted.internet import reactor
+
+    try:
+        node = Node(reactor, spec)
+    except NodeConfigError as e:
+        return _fail(str(e))
+    _startLogging(options.verbose, options.quiet)
+    if identity is not None:
+        log.info("identity {id} (certificate valid until {until})", id=str(identity.localId),
+                 until=identity.notAfter.strftime("%Y-%m-%d %H:%M UTC"))
+
+    def ready():
+        bound = ", ".join(f"{k} (port {v})" for k, v in node.boundPorts().items())
+        via = f" via {hops[0]}" if hops else ""
+        log.info("ready: {bound}{via}", bound=bound, via=via)
+
+    return _run(reactor, [node], ready)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

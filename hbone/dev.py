@@ -1,0 +1,167 @@
+"""``hbone dev``: the embedded default that ``make run`` starts.
+
+Everything on loopback, with development certificates minted into a state folder on
+first run (and re-minted when they are about to expire):
+
+    curl http://127.0.0.1:7000/
+      -> tcp forwarder 127.0.0.1:7000        (identity .../sa/client)
+      -> HBONE: mTLS HTTP/2 CONNECT to 127.0.0.1:15008
+      -> HBONE server                        (identity .../sa/server)
+      -> 127.0.0.1:7001, a small web page that says it was reached
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from twisted.logger import Logger
+
+log = Logger(namespace="hbone")
+
+TRUST_DOMAIN = "cluster.local"
+SERVER_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/server"
+CLIENT_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/client"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hbone dev",
+        description="Run a complete HBONE tunnel on loopback with development certificates.",
+        epilog=textwrap_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--state", default=".hbone-state", metavar="DIR",
+                   help="where the development CA and identities live (default .hbone-state)")
+    p.add_argument("--hbone-port", type=int, default=15008, help="HBONE server port (default 15008)")
+    p.add_argument("--forward-port", type=int, default=7000, help="forwarder port (default 7000)")
+    p.add_argument("--target-port", type=int, default=7001, help="demo web target port (default 7001)")
+    p.add_argument("--selftest", action="store_true",
+                   help="fetch the page once through the tunnel, print the result and exit (0 = ok)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def textwrap_epilog() -> str:
+    return (
+        "example:\n"
+        "  hbone dev                 # then: curl http://127.0.0.1:7000/\n"
+        "  hbone dev --selftest      # one request through the tunnel, then exit\n"
+    )
+
+
+class _Hello:
+    """The demo target: a tiny HTTP/1.1 page, served by twisted.web."""
+
+    @staticmethod
+    def site():
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        class Page(Resource):
+            isLeaf = True
+
+            def render_GET(self, request):
+                request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+                return (
+                    "hello from 127.0.0.1:%d, reached through an HBONE tunnel\n"
+                    "(TCP -> mTLS HTTP/2 CONNECT -> TCP; see the hbone log for the tunnel summary)\n"
+                    % request.getHost().port
+                ).encode()
+
+        site = Site(Page())
+        site.noisy = False
+        site.log = lambda request: None
+        return site
+
+
+def devMain(argv: list[str]) -> int:
+    options = _parser().parse_args(argv)
+    from hbone.ca import ensureDevIdentity
+    from hbone.cli import _run, _startLogging
+    from hbone.service import Node, NodeSpec
+    from hbone.tls import Identity
+    from hbone.urls import parseHop, parseListener
+
+    state = Path(options.state)
+    paths = ensureDevIdentity(state, TRUST_DOMAIN, {"server": SERVER_ID, "client": CLIENT_ID})
+    server = Identity.fromDirectory(paths["server"])
+    client = Identity.fromDirectory(paths["client"])
+
+    from twisted.internet import defer, reactor
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+
+    hp, fp, tp = options.hbone_port, options.forward_port, options.target_port
+    serverNode = Node(reactor, NodeSpec(
+        listeners=(parseListener(f"hbone://127.0.0.1:{hp}"),),
+        identity=server,
+        allow=(f"127.0.0.1:{tp}",),
+    ))
+    clientNode = Node(reactor, NodeSpec(
+        listeners=(parseListener(f"tcp://127.0.0.1:{fp}/127.0.0.1:{tp}"),),
+        hops=(parseHop(f"hbone://127.0.0.1:{hp}?identity={SERVER_ID}"),),
+        identity=client,
+    ))
+    _startLogging(options.verbose, False)
+    targetPort = []
+
+    async def startTarget():
+        targetPort.append(await TCP4ServerEndpoint(reactor, tp, interface="127.0.0.1").listen(_Hello.site()))
+
+    def ready():
+        d = defer.Deferred.fromCoroutine(startTarget())
+
+        def up(_):
+            reactor.addSystemEventTrigger("before", "shutdown", targetPort[0].stopListening)
+            log.info("certificates in {state}/ (CA, server and client SVIDs)", state=str(state))
+            log.info(
+                "ready: TCP 127.0.0.1:{fp} -> HBONE mTLS HTTP/2 CONNECT via 127.0.0.1:{hp} "
+                "({sid}) -> 127.0.0.1:{tp}",
+                fp=fp, hp=hp, tp=tp, sid=SERVER_ID,
+            )
+            if options.selftest:
+                return _selftest(reactor, fp)
+            log.info("try:  curl http://127.0.0.1:{fp}/      (Ctrl-C stops)", fp=fp)
+            return None
+
+        def failed(f):
+            sys.stderr.write(f"hbone: error: demo target on 127.0.0.1:{tp}: {f.getErrorMessage()}\n")
+            return 1
+
+        return d.addCallbacks(up, failed)
+
+    return _run(reactor, [serverNode, clientNode], ready)
+
+
+def _selftest(reactor, port: int):
+    from twisted.internet import defer
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+    from twisted.internet.protocol import Factory, Protocol
+
+    class Get(Protocol):
+        def connectionMade(self):
+            self.chunks = []
+            self.done = defer.Deferred()
+            self.transport.write(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+
+        def dataReceived(self, data):
+            self.chunks.append(data)
+
+        def connectionLost(self, reason):
+            self.done.callback(b"".join(self.chunks))
+
+    async def go():
+        try:
+            p = await TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10).connect(Factory.forProtocol(Get))
+            body = await p.done
+        except Exception as e:
+            sys.stderr.write(f"hbone: selftest failed: {e}\n")
+            return 1
+        if b"200 OK" in body and b"reached through an HBONE tunnel" in body:
+            sys.stdout.write("selftest ok: " + body.split(b"\r\n\r\n", 1)[-1].decode().splitlines()[0] + "\n")
+            return 0
+        sys.stderr.write(f"hbone: selftest failed: unexpected answer {body[:200]!r}\n")
+        return 1
+
+    return defer.Deferred.fromCoroutine(go())

@@ -1,0 +1,200 @@
+"""A node: shared state on one reactor, and its listeners as services.
+
+:class:`NodeSpec` is what the command line (and, later, the config file) compile
+into; :class:`Node` builds everything from it: the identity, the destination
+policy, the pool, the tunnel tracker, one dialer for the listeners (direct TCP, or
+the ``-F`` hop), and a listener service per ``-L``. A listener that cannot bind
+fails the start with a message naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.logger import Logger
+
+from hbone.dialer import DirectDialer, HBoneDialer
+from hbone.h2.client import HBoneHop, Pool
+from hbone.h2.connection import ConnectionSettings
+from hbone.h2.server import TunnelServer, hboneServerFactory
+from hbone.policy import DestinationPolicy, PeerAuthorizer, ReactorResolver, parseAllowEntry
+from hbone.proxy.tcp import TCPForwardFactory
+from hbone.splice import TunnelTracker
+from hbone.urls import HopSpec, ListenerSpec
+
+__all__ = ["NodeSpec", "Node", "ListenError", "NodeConfigError"]
+
+
+class NodeConfigError(ValueError):
+    """A node that cannot be built as specified; the message says what to change."""
+
+
+class ListenError(Exception):
+    """A listener that could not bind; the message names it."""
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    listeners: tuple[ListenerSpec, ...] = ()
+    hops: tuple[HopSpec, ...] = ()
+    identity: object | None = None  # hbone.tls.Identity
+    allow: tuple[str, ...] = ()
+    allowPeers: tuple[str, ...] = ()
+    name: str = "hbone"
+    connectTimeout: float = 10.0
+    idleTimeout: float = 3600.0
+    settings: ConnectionSettings = field(default_factory=ConnectionSettings)
+
+
+class _ListenerService(Service):
+    log = Logger()
+
+    def __init__(self, spec: ListenerSpec, endpoint, factory, onBound) -> None:
+        self.spec = spec
+        self.endpoint = endpoint
+        self.factory = factory
+        self.onBound = onBound
+        self.port = None
+        self.setName(str(spec))
+
+    def listen(self) -> defer.Deferred:
+        d = self.endpoint.listen(self.factory)
+
+        def bound(port):
+            self.port = port
+            self.onBound(self, port)
+            return port
+
+        def failed(f):
+            raise ListenError(f"-L {self.spec}: cannot listen on {self.spec.host}:{self.spec.port}: {f.getErrorMessage()}")
+
+        return d.addCallbacks(bound, failed)
+
+    def stopService(self):
+        Service.stopService(self)
+        if self.port is not None:
+            port, self.port = self.port, None
+            return defer.maybeDeferred(port.stopListening)
+
+
+class Node(MultiService):
+    """Everything one hbone process runs, built from a :class:`NodeSpec`."""
+
+    log = Logger()
+
+    def __init__(self, reactor, spec: NodeSpec) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.spec = spec
+        needsIdentity = any(l.scheme == "hbone" for l in spec.listeners) or any(
+            h.scheme == "hbone" for h in spec.hops
+        )
+        if needsIdentity and spec.identity is None:
+            raise NodeConfigError(
+                "an hbone listener or hop needs an identity: --certs DIR "
+                "(cert-chain.pem, key.pem, root-cert.pem) or --cert/--key/--ca"
+            )
+        if len(spec.hops) > 1:
+            raise NodeConfigError("chains of several -F hops are not available in this build; give one -F")
+        self.identity = spec.identity
+        try:
+            allow = [parseAllowEntry(a) for a in spec.allow]
+        except ValueError as e:
+            raise NodeConfigError(f"--allow: {e}") from None
+        self.policy = DestinationPolicy(allow)
+        self.authorizer = (
+            PeerAuthorizer(self.identity.localId, spec.allowPeers) if self.identity is not None else None
+        )
+        self.tracker = TunnelTracker(reactor, spec.idleTimeout, self._tunnelClosed)
+        self.pool = (
+            Pool(reactor, self.identity, spec.settings, spec.connectTimeout, spec.name)
+            if self.identity is not None
+            else None
+        )
+        if spec.hops:
+            hop = spec.hops[0]
+            self.hop = HBoneHop(hop.host, hop.port, hop.identities, hop.method)
+            self.dialer = HBoneDialer(self.pool, self.hop)
+        else:
+            self.hop = None
+            self.dialer = DirectDialer(reactor, self.policy, ReactorResolver(reactor), spec.connectTimeout)
+        self.listeners: list[_ListenerService] = []
+        for listener in spec.listeners:
+            self.listeners.append(self._buildListener(listener))
+        for service in self.listeners:
+            service.setServiceParent(self)
+
+    def _endpoint(self, spec: ListenerSpec):
+        cls = TCP6ServerEndpoint if ":" in spec.host else TCP4ServerEndpoint
+        return cls(self.reactor, spec.port, backlog=1024, interface=spec.host)
+
+    def _buildListener(self, spec: ListenerSpec) -> _ListenerService:
+        if spec.scheme == "hbone":
+            server = TunnelServer(self.reactor, self.dialer, self.authorizer, self.tracker, name=self.spec.name)
+            factory = hboneServerFactory(self.reactor, self.identity, server, self.spec.settings)
+        elif spec.scheme == "tcp":
+            factory = TCPForwardFactory(spec.target, self.dialer, self.tracker, self.reactor, name=str(spec))
+        else:  # pragma: no cover - urls.py refuses the rest
+            raise NodeConfigError(f"-L {spec}: unsupported scheme {spec.scheme}")
+        return _ListenerService(spec, self._endpoint(spec), factory, self._bound)
+
+    def _bound(self, service: _ListenerService, port) -> None:
+        address = port.getHost()
+        # our own listening ports are never a tunnel destination (SECURITY §4.1)
+        self.policy.addOwnPort(address.port)
+        self.log.info("listening: {scheme} on {host}:{port}", scheme=service.spec.scheme,
+                      host=address.host, port=address.port)
+
+    def _tunnelClosed(self, tunnel) -> None:
+        info = tunnel.info
+        self.log.info(
+            "tunnel {direction} {source} -> {target} closed{how}: {up} bytes up, {down} bytes down, {secs:.1f}s",
+            direction=info.get("direction", ""),
+            source=_fmtSource(info.get("source")),
+            target=info.get("target"),
+            how=f" ({tunnel.reason})" if tunnel.reason else "",
+            up=tunnel.bytesAtoB,
+            down=tunnel.bytesBtoA,
+            secs=self.reactor.seconds() - tunnel.openedAt,
+        )
+
+    def startListening(self) -> defer.Deferred:
+        """Bind every listener; fails with :class:`ListenError` on the first that
+        cannot bind (and closes the ones already bound)."""
+
+        async def go():
+            try:
+                for service in self.listeners:
+                    await service.listen()
+            except Exception:
+                for service in self.listeners:
+                    if service.port is not None:
+                        await defer.maybeDeferred(service.port.stopListening)
+                        service.port = None
+                raise
+
+        return defer.Deferred.fromCoroutine(go())
+
+    def boundPorts(self) -> dict[str, int]:
+        return {str(s.spec): s.port.getHost().port for s in self.listeners if s.port is not None}
+
+    def stopService(self):
+        d = defer.maybeDeferred(super().stopService)
+
+        def after(_):
+            self.tracker.abortAll("node stopping")
+            self.tracker.stop()
+            if self.pool is not None:
+                return self.pool.closeAll()
+
+        return d.addCallback(after)
+
+
+def _fmtSource(source) -> str:
+    if not source:
+        return "?"
+    host, port = source
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
