@@ -85,10 +85,11 @@ class Node(MultiService):
 
     log = Logger()
 
-    def __init__(self, reactor, spec: NodeSpec) -> None:
+    def __init__(self, reactor, spec: NodeSpec, bindOnPrivilegedStart: bool = False) -> None:
         super().__init__()
         self.reactor = reactor
         self.spec = spec
+        self.bindOnPrivilegedStart = bindOnPrivilegedStart
         needsIdentity = any(l.scheme == "hbone" for l in spec.listeners) or any(
             h.scheme == "hbone" for h in spec.hops
         )
@@ -177,6 +178,15 @@ class Node(MultiService):
                 raise
 
         return defer.Deferred.fromCoroutine(go())
+
+    def privilegedStartService(self) -> None:
+        """Under twistd: bind here, and stop the start if a listener cannot bind."""
+        if self.bindOnPrivilegedStart:
+            failures = []
+            self.startListening().addErrback(failures.append)
+            if failures:  # TCP listen() answers synchronously
+                raise failures[0].value
+        super().privilegedStartService()
 
     def boundPorts(self) -> dict[str, int]:
         return {str(s.spec): s.port.getHost().port for s in self.listeners if s.port is not None}

@@ -183,7 +183,7 @@ class H2ServerMachine(RuleBasedStateMachine):
     # -- a legal peer --------------------------------------------------------------
 
     @rule(which=st.sampled_from(sorted(REQUESTS)), end=st.sampled_from([False, False, False, True]))
-    def open(self, which, end):
+    def openStream(self, which, end):
         def go():
             sid = self.h.peer.get_next_available_stream_id()
             self.h.peer.send_headers(sid, REQUESTS[which], end_stream=end)

@@ -433,7 +433,7 @@ class RawH2Client(Protocol):
 
     def connectionLost(self, reason) -> None:
         self.reason = reason
-        self.lost.callback(reason)
+        self.lost.callback(None)
 
 
 @implementer(IDialer)
@@ -837,3 +837,272 @@ class IntegrationTests(unittest.TestCase):
             self.assertEqual((failure.status, failure.proxyError), (status, token))
             self.assertEqual(dialer.dials, 1)
             self.assertFalse(client.made.called)
+
+    # -- 5. identities (S22-S25) ---------------------------------------------------------
+
+    async def _refusedClient(self, creator, *reason: str, server=None) -> RawH2Client:
+        """A raw TLS 1.3 client (``creator``) sends the preface and a CONNECT as soon as
+        its handshake finishes; the server must refuse it during the handshake, log
+        ``reason``, start no HTTP/2 and dial nothing."""
+        targetPort, _, targetWatch = self.target()
+        server = server or self.server(allow=[targetPort])
+        client = await self.rawTLSClient(server.portNumber, creator, f"127.0.0.1:{targetPort}")
+        await client.lost
+        await server.watch.allLost()
+        self.assertEqual(client.received, b"", "the server sent application data")
+        self.assertTrue(
+            client.reason.check(SSL.Error, error.ConnectionLost, error.ConnectionDone),
+            repr(client.reason.value),
+        )
+        self.assertEqual(server.tunnels.streams, [], "a request reached the stream handler")
+        self.assertEqual(targetWatch.accepted, 0)
+        logged = self.log.find("TLS handshake with 127.0.0.1:", *reason)
+        self.assertEqual(len(logged), 1, f"no log line naming {reason}: {self.log.messages()}")
+        return client
+
+    def _leaf(self, caPair=None, uris=(pki.CLIENT_ID,), **options):
+        caCert, caKey = caPair or pki.ca()
+        return makeLeaf(caCert, caKey, uris=list(uris), ips=["127.0.0.1"], **options)
+
+    @asyncTest
+    async def test_clientWithoutCertificate(self) -> None:
+        """S22: a TLS 1.3 client with no certificate fails the handshake; it reads
+        no HTTP/2 byte and the server logs why."""
+        client = await self._refusedClient(RawClientCreator(), "failed")
+        self.assertTrue(client.reason.check(SSL.Error), repr(client.reason.value))
+        self.assertIn("certificate required", str(client.reason.value))
+
+    @asyncTest
+    async def test_clientCertificateExpired(self) -> None:
+        """S23: an expired client certificate."""
+        now = datetime.now(timezone.utc)
+        cert, key = self._leaf(notBefore=now - timedelta(days=10), notAfter=now - timedelta(days=1))
+        await self._refusedClient(RawClientCreator(cert, key), "refused", "expired")
+
+    @asyncTest
+    async def test_clientCertificateNotYetValid(self) -> None:
+        """S23: a client certificate that is not yet valid."""
+        now = datetime.now(timezone.utc)
+        cert, key = self._leaf(notBefore=now + timedelta(days=1), notAfter=now + timedelta(days=10))
+        await self._refusedClient(RawClientCreator(cert, key), "refused", "not yet valid")
+
+    @asyncTest
+    async def test_clientCertificateOtherCA(self) -> None:
+        """S23: a well-formed SVID of our trust domain issued by another CA."""
+        cert, key = self._leaf(caPair=makeCA(pki.TD))
+        await self._refusedClient(RawClientCreator(cert, key), "refused", "unable to get local issuer")
+
+    @asyncTest
+    async def test_clientCertificateIsCA(self) -> None:
+        """S23: basicConstraints cA=true on the leaf."""
+        cert, key = self._leaf(isCA=True)
+        await self._refusedClient(RawClientCreator(cert, key), "refused", "cA=true")
+
+    @asyncTest
+    async def test_clientCertificateTwoURISANs(self) -> None:
+        """S23: two URI SANs."""
+        cert, key = self._leaf(uris=(pki.CLIENT_ID, "spiffe://cluster.local/ns/default/sa/other"))
+        await self._refusedClient(RawClientCreator(cert, key), "refused", "2 URI SANs")
+
+    @asyncTest
+    async def test_clientCertificateNoURISAN(self) -> None:
+        """S23: no URI SAN at all (DNS and IP SANs only)."""
+        cert, key = self._leaf(uris=(), dns=["client.example"])
+        await self._refusedClient(RawClientCreator(cert, key), "refused", "no URI SAN")
+
+    @asyncTest
+    async def test_clientCertificateKeyCertSign(self) -> None:
+        """S23: keyUsage keyCertSign on a leaf."""
+        cert, key = self._leaf(keyCertSign=True)
+        await self._refusedClient(RawClientCreator(cert, key), "refused", "keyCertSign")
+
+    @asyncTest
+    async def test_clientCertificateBadSpiffeID(self) -> None:
+        """S23: a URI SAN that is not a valid SPIFFE ID (empty path segment)."""
+        cert, key = self._leaf(uris=("spiffe://cluster.local/ns//sa/client",))
+        await self._refusedClient(RawClientCreator(cert, key), "refused", "not a SPIFFE ID")
+
+    @asyncTest
+    async def test_otherTrustDomainRefusedThenFederated(self) -> None:
+        """S24: a valid SVID of another trust domain is refused; once the server
+        federates that domain with its own bundle, the same client gets a tunnel;
+        a cluster.local ID issued by the federated CA is still refused."""
+        otherCA = makeCA("other.example")
+        otherId = "spiffe://other.example/ns/default/sa/client"
+        cert, key = makeLeaf(*otherCA, uris=[otherId], ips=["127.0.0.1"])
+        await self._refusedClient(RawClientCreator(cert, key), "refused", "unable to get local issuer")
+
+        federated = pki.identity(pki.SERVER_ID, federated={"other.example": [otherCA[0]]})
+        targetPort, targets, _ = self.target(lambda: Peer(sendAfterEOF=1000, seed=2))
+        server = self.server(
+            allow=[targetPort],
+            identity=federated,
+            authorizer=PeerAuthorizer(federated.localId, [otherId]),
+        )
+        identity = Identity([cert], key, {"other.example": [otherCA[0]], pki.TD: [pki.ca()[0]]})
+        pool = self.pool(identity)
+        client = Peer(send=1000, seed=1)
+        await self.tunnel(pool, server.hop(), targetPort, client)
+        await client.lost
+        (target,) = targets.peers
+        self.assertTransfer(client, target, 1000)
+        self.assertTransfer(target, client, 1000)
+        self.assertEqual(str(server.tunnels.streams[0].connection.peerIdentity), otherId)
+
+        # a cluster.local identity minted by the other domain's CA
+        forged, forgedKey = makeLeaf(*otherCA, uris=[pki.CLIENT_ID], ips=["127.0.0.1"])
+        await self._refusedClient(
+            RawClientCreator(forged, forgedKey), "refused", "chains to a root of another trust domain",
+            server=server,
+        )
+
+    @asyncTest
+    async def test_serverIdentityMismatch(self) -> None:
+        """S25: the server's SVID is valid but not the expected one -> the client
+        fails with HopIdentityError before any HEADERS; the target sees nothing."""
+        targetPort, _, targetWatch = self.target()
+        server = self.server(allow=[targetPort])
+        pool = self.pool()
+        hop = server.hop(expect="spiffe://cluster.local/ns/default/sa/other")
+        failure = await self.assertFailure(self.tunnel(pool, hop, targetPort, Peer()), HopIdentityError)
+        self.assertIn(pki.SERVER_ID, str(failure))
+        self.assertIn("spiffe://cluster.local/ns/default/sa/other", str(failure))
+        await server.watch.allLost()
+        self.assertEqual(server.watch.accepted, 1)
+        self.assertEqual(server.tunnels.streams, [])
+        self.assertEqual(targetWatch.accepted, 0)
+        self.assertEqual(pool.connections(hop), [])
+
+    # -- 6. destination policy (S31) -------------------------------------------------------
+
+    @asyncTest
+    async def test_destinationPolicy(self) -> None:
+        """S31: loopback targets that are not allow-listed get 403
+        destination_ip_prohibited and no socket is created (the canary listener sees
+        no accept), in both request forms; the exact allow-listed pair gets 200."""
+        canaryPort, _, canary = self.target()
+        allowedPort, targets, _ = self.target(lambda: Peer(sendAfterEOF=100, seed=2))
+        server = self.server(allow=[allowedPort])
+        pool = self.pool()
+        for method in ("connect", "post"):
+            for authority in [
+                f"127.0.0.1:{canaryPort}",
+                f"0.0.0.0:{canaryPort}",
+                f"[::ffff:127.0.0.1]:{canaryPort}",
+                f"127.0.0.1:{server.portNumber}",
+            ]:
+                endpoint = HBoneClientEndpoint(pool, server.hop(method), authority)
+                client = Peer()
+                failure = await self.assertFailure(endpoint.connect(PeerFactory(lambda: client)), TunnelRefused)
+                self.assertEqual(
+                    (failure.status, failure.proxyError), (403, "destination_ip_prohibited"),
+                    f"{method} {authority}",
+                )
+                self.assertFalse(client.made.called)
+        self.assertEqual(canary.accepted, 0)
+        self.assertEqual(server.watch.accepted, 1)  # only the pool's one connection
+        self.assertEqual(server.tracker.opened, 0)
+        for method in ("connect", "post"):
+            client = Peer(send=100, seed=1)
+            await self.tunnel(pool, server.hop(method), allowedPort, client)
+            await client.lost
+            self.assertTransfer(client, targets.peers[-1], 100)
+            self.assertTransfer(targets.peers[-1], client, 100)
+        self.assertEqual(canary.accepted, 0)
+        self.assertEqual(pool.connectionsOpened, 1)
+
+    # -- 7. pool (S50) ------------------------------------------------------------------------
+
+    @asyncTest
+    async def test_poolOneConnectionForHundredTunnels(self) -> None:
+        """S50: 100 concurrent tunnels to one peer share exactly one TCP connection
+        (one attempt in flight for all of them); a 101st concurrent tunnel opens a
+        second connection. All 101 carry data."""
+        targetPort, targets, targetWatch = self.target(lambda: Peer(sendAfterEOF=1000, seed=7))
+        server = self.server(allow=[targetPort])
+        pool = self.pool()
+        hop = server.hop()
+        clients = [Peer(seed=i) for i in range(101)]
+        opening = [self.tunnel(pool, hop, targetPort, c) for c in clients[:100]]
+        # every request is waiting on the same, single connection attempt
+        self.assertEqual(server.watch.accepted, 0)
+        self.assertEqual(pool.connectionsOpened, 0)
+        await defer.gatherResults(opening)
+        self.assertEqual(server.watch.accepted, 1)
+        self.assertEqual(pool.connectionsOpened, 1)
+        first = clients[0].transport.connection
+        self.assertTrue(all(c.transport.connection is first for c in clients[:100]))
+        self.assertEqual(len(first.streams), 100)
+        await self.tunnel(pool, hop, targetPort, clients[100])
+        self.assertEqual(server.watch.accepted, 2)
+        self.assertEqual(pool.connectionsOpened, 2)
+        self.assertIsNot(clients[100].transport.connection, first)
+        self.assertEqual(len(pool.connections(hop)), 2)
+        self.assertEqual(targetWatch.accepted, 101)
+        for c in clients:
+            c.send(1000, "halfclose")
+        await defer.gatherResults([c.lost for c in clients])
+        await defer.gatherResults([t.lost for t in targets.peers])
+        byClientSeed = {}
+        for c in clients:
+            self.assertClean(c)
+            self.assertEqual((c.received, c.eofAt), (1000, 1000))
+            byClientSeed[c.sentDigest] = c
+        for t in targets.peers:
+            self.assertIn(t.rxDigest.hexdigest(), byClientSeed)
+            self.assertEqual(t.eofAt, 1000)
+        self.assertEqual(len({t.rxDigest.hexdigest() for t in targets.peers}), 101)
+
+    # -- 8. GOAWAY from the server (S49) --------------------------------------------------
+
+    @asyncTest
+    async def test_goAwayWithLiveTunnels(self) -> None:
+        """S49: the server sends GOAWAY(NO_ERROR, 2^31-1) while 3 tunnels are live;
+        they complete (SHA-256 both ways), a new tunnel opens on a new connection,
+        and the old connection closes once its streams have ended."""
+        size = 8 * MiB
+        targetPort, targets, _ = self.target(lambda: Peer(seed=100 + len(targets.peers)))
+        server = self.server(allow=[targetPort])
+        pool = self.pool()
+        hop = server.hop()
+        clients = [Peer(seed=i) for i in range(3)]
+        for c in clients:
+            await self.tunnel(pool, hop, targetPort, c)
+        (old,) = pool.connections(hop)
+        serverConn = server.tunnels.streams[0].connection
+        self.assertTrue(all(s.connection is serverConn for s in server.tunnels.streams))
+        self.assertEqual(len(targets.peers), 3)
+        oldLost = server.watch.lostOf(0)
+
+        serverConn.goAway(ErrorCodes.NO_ERROR, 2**31 - 1)
+        # the targets' first bytes travel behind the GOAWAY on the same connection
+        for t in targets.peers:
+            t.send(size, "halfclose")
+        await clients[0].whenReceived(1)
+        self.assertTrue(old.goingAway)
+        self.assertEqual(pool.connections(hop), [])
+        for c in clients:
+            c.send(size, "halfclose")
+
+        fresh = Peer(send=1000, seed=50)
+        await self.tunnel(pool, hop, targetPort, fresh)
+        self.assertIsNot(fresh.transport.connection, old)
+        self.assertEqual(pool.connectionsOpened, 2)
+        self.assertEqual(server.watch.accepted, 2)
+        self.assertFalse(old.closed, "closed while its tunnels were live")
+
+        await defer.gatherResults([c.lost for c in clients])
+        await defer.gatherResults([t.lost for t in targets.peers[:3]])
+        for c, t in zip(clients, targets.peers):
+            self.assertClean(c)
+            self.assertClean(t)
+            self.assertTransfer(c, t, size)
+            self.assertTransfer(t, c, size)
+        # the old connection goes once its streams are done: both ends of its socket
+        await oldLost
+        self.assertTrue(old.closed)
+        self.assertTrue(serverConn.closed)
+        # the new connection is untouched
+        self.assertFalse(fresh.transport.connection.closed)
+        fresh.transport.loseConnection()
+        await fresh.lost

@@ -1,0 +1,93 @@
+"""twistd wiring: ``Options`` and ``makeService`` (no logic of its own).
+
+    twistd -n hbone --certs ./server --allow 127.0.0.1:9000 -L hbone://127.0.0.1:15008
+
+The options are the command line's (``hbone --help``); both build the same
+:class:`hbone.service.Node`. Listeners bind in ``privilegedStartService``, so a port
+that cannot be bound stops twistd with a message naming the listener.
+"""
+
+from __future__ import annotations
+
+from twisted.python import usage
+
+from hbone.cli import EPILOG
+
+
+class Options(usage.Options):
+    synopsis = "[options] -L URL [-L URL ...] [-F URL]"
+    longdesc = "Run an hbone node.\n\n" + EPILOG
+    optParameters = [
+        ["certs", None, None, "identity directory (cert-chain.pem, key.pem, root-cert.pem)"],
+        ["cert", None, None, "certificate chain (PEM); with --key and --ca"],
+        ["key", None, None, "private key (PEM)"],
+        ["ca", None, None, "trust bundle of our trust domain (PEM)"],
+        ["connect-timeout", None, 10.0, "upstream TCP connect timeout, seconds", float],
+        ["idle-timeout", None, 3600.0, "tunnel idle timeout, seconds", float],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listeners"] = []
+        self["hops"] = []
+        self["allow"] = []
+        self["allowPeers"] = []
+
+    def opt_L(self, value: str) -> None:
+        """A listener URL, repeatable (tcp://[host]:port/target, hbone://[host]:port)."""
+        self["listeners"].append(value)
+
+    def opt_F(self, value: str) -> None:
+        """Forward every tunnel through this HBONE hop (hbone://host:port?identity=...)."""
+        self["hops"].append(value)
+
+    def opt_allow(self, value: str) -> None:
+        """Allow a destination the default policy denies (host:port, CIDR[:ports], .suffix); repeatable."""
+        self["allow"].append(value)
+
+    def opt_allow_peer(self, value: str) -> None:
+        """Also accept tunnels from this SPIFFE ID or spiffe://td/ns/N/*; repeatable."""
+        self["allowPeers"].append(value)
+
+    def postOptions(self) -> None:
+        from hbone.service import NodeSpec
+        from hbone.tls import Identity, IdentityConfigError
+        from hbone.urls import URLError, parseHop, parseListener
+
+        if not self["listeners"]:
+            raise usage.UsageError("give at least one -L listener")
+        try:
+            listeners = tuple(parseListener(x) for x in self["listeners"])
+            hops = tuple(parseHop(x) for x in self["hops"])
+        except URLError as e:
+            raise usage.UsageError(str(e)) from None
+        identity = None
+        try:
+            if self["certs"]:
+                identity = Identity.fromDirectory(self["certs"])
+            elif self["cert"] or self["key"] or self["ca"]:
+                if not (self["cert"] and self["key"] and self["ca"]):
+                    raise IdentityConfigError("--cert, --key and --ca go together")
+                identity = Identity.fromFiles(self["cert"], self["key"], self["ca"])
+        except IdentityConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        self["spec"] = NodeSpec(
+            listeners=listeners,
+            hops=hops,
+            identity=identity,
+            allow=tuple(self["allow"]),
+            allowPeers=tuple(self["allowPeers"]),
+            connectTimeout=self["connect-timeout"],
+            idleTimeout=self["idle-timeout"],
+        )
+
+
+def makeService(options: Options):
+    from twisted.internet import reactor
+
+    from hbone.service import Node, NodeConfigError
+
+    try:
+        return Node(reactor, options["spec"], bindOnPrivilegedStart=True)
+    except NodeConfigError as e:
+        raise usage.UsageError(str(e)) from None
