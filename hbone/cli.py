@@ -131,8 +131,8 @@ def _loadIdentity(options):
             if not (options.cert and options.key and options.ca):
                 raise IdentityConfigError("--cert, --key and --ca go together")
             return Identity.fromFiles(options.cert, options.key, options.ca)
-    except IdentityConfigError as e:
-        raise SystemExit(_fail(str(e)))
+    except IdentityConfigError:
+        raise
     return None
 
 
@@ -202,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         hops = tuple(parseHop(x) for x in options.hops)
     except URLError as e:
         return _fail(str(e))
-    identity = _loadIdentity(options)
+    from hbone.tls import IdentityConfigError
+
+    try:
+        identity = _loadIdentity(options)
+    except IdentityConfigError as e:
+        return _fail(str(e))
     spec = NodeSpec(
         listeners=listeners,
         hops=hops,

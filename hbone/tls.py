@@ -235,10 +235,10 @@ class Identity:
             | SSL.OP_CIPHER_SERVER_PREFERENCE
         )
         ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-        ctx.use_certificate(crypto.X509.from_cryptography(self.chain[0]))
+        ctx.use_certificate(self.chain[0])
         for extra in self.chain[1:]:
-            ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
-        ctx.use_privatekey(crypto.PKey.from_cryptography_key(self._key))
+            ctx.add_extra_chain_cert(extra)
+        ctx.use_privatekey(self._key)
         ctx.check_privatekey()
         store = ctx.get_cert_store()
         seen = set()
@@ -312,13 +312,18 @@ class Identity:
             def select(conn: SSL.Connection, offered: list[bytes]):
                 if alpn in offered:
                     return alpn
+                reason = (
+                    f"client offered ALPN {b','.join(offered).decode('ascii', 'replace')!r}, "
+                    f"this listener speaks only {alpn.decode()!r}"
+                )
                 state = verifyStateOf(conn)
                 if state is not None and state.reason is None:
-                    state.reason = (
-                        f"client offered ALPN {b','.join(offered).decode('ascii', 'replace')!r}, "
-                        f"this listener speaks only {alpn.decode()!r}"
-                    )
-                return SSL.NO_OVERLAPPING_PROTOCOLS
+                    state.reason = reason
+                # An exception (not NO_OVERLAPPING_PROTOCOLS, which pyOpenSSL turns
+                # into "carry on without ALPN") aborts the handshake with alert 120,
+                # no_application_protocol (RFC 7301 §3.2). Twisted unpacks SSL.Error
+                # arguments as (lib, func, reason) triples.
+                raise SSL.Error([("hbone", "alpn_select", reason)])
 
             ctx.set_alpn_select_callback(select)
             self._contexts[key] = ctx

@@ -527,14 +527,6 @@ class OpenSSLTests(_ReactorTest):
 
         return defer.Deferred.fromCoroutine(run())
 
-    @pytest.mark.xfail(
-        strict=True,
-        raises=unittest.FailTest,  # a missing peer under HBONE_REQUIRE_PEERS=1 still fails
-        reason="hbone/tls.py Identity.serverContext: the ALPN select callback returns "
-        "SSL.NO_OVERLAPPING_PROTOCOLS, which pyOpenSSL maps to SSL_TLSEXT_ERR_NOACK, so the "
-        "handshake completes without ALPN and hbone then resets the TCP connection; no "
-        "alert 120 (PROTOCOL §2 SHOULD)",
-    )
     def test_alpnHttp11Refused(self):
         """ALPN http/1.1 is refused in the handshake with no_application_protocol (120)."""
 
