@@ -64,21 +64,42 @@ class FakeTransport(StringTransport):
         self.closeStarted = True
 
 
-def parseFrames(data: bytes) -> list[Frame]:
-    """Split raw HTTP/2 bytes (optionally after the client preface) into frames."""
+def splitFrames(data: bytes) -> list[bytes]:
+    """Raw HTTP/2 bytes, one frame per item (the client preface is its own item)."""
+    chunks = []
     if data.startswith(PREFACE):
+        chunks.append(PREFACE)
         data = data[len(PREFACE):]
-    frames = []
-    view = memoryview(data)
     i = 0
     while i + 9 <= len(data):
-        frame, length = Frame.parse_frame_header(view[i : i + 9])
+        length = int.from_bytes(data[i : i + 3], "big")
         assert i + 9 + length <= len(data), "truncated frame"
-        frame.parse_body(view[i + 9 : i + 9 + length])
-        frames.append(frame)
+        chunks.append(data[i : i + 9 + length])
         i += 9 + length
     assert i == len(data), "trailing bytes"
+    return chunks
+
+
+def parseFrames(data: bytes) -> list[Frame]:
+    """Split raw HTTP/2 bytes (optionally after the client preface) into frames."""
+    frames = []
+    for chunk in splitFrames(data):
+        if chunk == PREFACE:
+            continue
+        frame, length = Frame.parse_frame_header(memoryview(chunk[:9]))
+        frame.parse_body(memoryview(chunk[9:]))
+        frames.append(frame)
     return frames
+
+
+def feedFrames(conn, data: bytes) -> list:
+    """Give ``data`` to an h2 connection one frame at a time. h2 applies an ACKed
+    MAX_FRAME_SIZE only from its next ``receive_data`` call, so a bigger frame
+    right behind the SETTINGS ACK, in the same call, would be refused."""
+    events = []
+    for chunk in splitFrames(data):
+        events.extend(conn.receive_data(chunk))
+    return events
 
 
 class Recorder(Protocol):
@@ -177,7 +198,7 @@ class Harness:
         if not data:
             return []
         self.frames.extend(parseFrames(data))
-        events = self.peer.receive_data(data)
+        events = feedFrames(self.peer, data)
         self.events.extend(events)
         return events
 
@@ -272,5 +293,7 @@ __all__ = [
     "HalfRecorder",
     "Harness",
     "Recorder",
+    "feedFrames",
     "parseFrames",
+    "splitFrames",
 ]

@@ -12,8 +12,13 @@ SERVER_ID = f"spiffe://{TD}/ns/default/sa/server"
 CLIENT_ID = f"spiffe://{TD}/ns/default/sa/client"
 
 
-@functools.lru_cache(maxsize=None)
 def ca(trustDomain: str = TD):
+    """One CA per trust domain for the whole run (``ca()`` is ``ca(TD)``)."""
+    return _ca(trustDomain)
+
+
+@functools.lru_cache(maxsize=None)
+def _ca(trustDomain: str):
     return makeCA(trustDomain)
 
 

@@ -153,9 +153,9 @@ def _mintIdentities(tmp_path: Path) -> dict[str, Path]:
 class _Proc:
     """A child process whose stderr is collected; killed and reaped at the end."""
 
-    def __init__(self, args, cwd=None):
+    def __init__(self, args, cwd=None, env=None):
         self.p = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                  text=True, env={**(env or os.environ), "PYTHONUNBUFFERED": "1"})
         self.lines: list[str] = []
         self._t = threading.Thread(target=self._read, daemon=True)
         self._t.start()
@@ -308,12 +308,15 @@ def test_twistd_listsHbone_andRunsANode(tmp_path):
     twistd = Path(sys.executable).with_name("twistd")
     if not twistd.exists():
         pytest.skip("twistd is not installed beside this Python")
-    listed = subprocess.run([str(twistd), "--help"], capture_output=True, text=True, timeout=60)
+    # twistd finds dropins on sys.path; the project root holds twisted/plugins
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    listed = subprocess.run([str(twistd), "--help"], capture_output=True, text=True, timeout=60, env=env)
     assert "hbone" in listed.stdout
     ids = _mintIdentities(tmp_path)
     port = pickFreePorts(1)[0]
     proc = _Proc([str(twistd), "-n", "--pidfile=", "hbone", "--certs", str(ids["server"]),
-                  "-L", f"hbone://127.0.0.1:{port}"], cwd=tmp_path)
+                  "-L", f"hbone://127.0.0.1:{port}"], cwd=tmp_path, env=env)
     try:
         proc.waitFor(f"listening: hbone on 127.0.0.1:{port}")
         with socket.create_connection(("127.0.0.1", port), timeout=10):

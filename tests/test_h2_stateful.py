@@ -8,7 +8,8 @@ hpack and injected raw, now and then. Whatever arrives:
 
 * ``dataReceived`` (and every timer) never raises;
 * hbone's output is well-formed HTTP/2, and while the peer has seen only legal
-  frames, the real h2 client accepts every byte of it;
+  frames, the real h2 client accepts every byte of it and hbone never aborts the
+  connection or sends an error GOAWAY; DATA never goes to a paused transport;
 * once the transport is lost no stream is left behind: ``protocol.streams`` is
   empty, nothing is queued, no timer is pending, and every tunnel protocol got
   exactly one ``connectionLost``.
@@ -20,6 +21,7 @@ from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, DataReceived, StreamEnded, StreamReset
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
+from h2.stream import StreamState
 from hpack import Encoder
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -41,7 +43,7 @@ from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 
 from hbone.h2.connection import ConnectionSettings
-from tests.h2harness import FakeProducer, HalfRecorder, Harness, Recorder, parseFrames
+from tests.h2harness import FakeProducer, HalfRecorder, Harness, Recorder, feedFrames, parseFrames
 
 REQUESTS = {
     "connect": [(b":method", b"CONNECT"), (b":authority", b"10.0.0.1:80")],
@@ -127,7 +129,17 @@ class H2ServerMachine(RuleBasedStateMachine):
         self.protocols: list[Recorder] = []
         self.peerOpen: list[int] = []  # streams the peer may still send on
         self.tainted = False  # the peer's h2 no longer knows what hbone saw
+        write = self.h.transport.write
+
+        def checkedWrite(data: bytes) -> None:
+            if self.h.proto._paused:
+                # a paused transport gets control frames only, never stream DATA
+                assert not [f for f in parseFrames(data) if isinstance(f, DataFrame)]
+            write(data)
+
+        self.h.transport.write = checkedWrite
         self.h.peer.initiate_connection()
+        self.h.peer.increment_flow_control_window(2**24 - 65535)  # as ztunnel and hbone do
         self.sync()
 
     def handler(self, stream, headers) -> None:
@@ -142,9 +154,12 @@ class H2ServerMachine(RuleBasedStateMachine):
         for _ in range(20):
             data = h.transport.value()
             h.transport.clear()
-            parseFrames(data)
+            frames = parseFrames(data)
+            if not self.tainted:
+                # a peer that sent only legal frames is never cut off
+                assert [f.error_code for f in frames if isinstance(f, GoAwayFrame) and f.error_code] == []
             if data and not self.tainted:
-                events = h.peer.receive_data(data)  # hbone's output is legal HTTP/2
+                events = feedFrames(h.peer, data)  # hbone's output is legal HTTP/2
                 for e in events:
                     if isinstance(e, DataReceived):
                         h.peer.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
@@ -163,8 +178,11 @@ class H2ServerMachine(RuleBasedStateMachine):
             self.peerOpen.remove(sid)
 
     def peerStream(self, i: int):
-        live = [sid for sid in self.peerOpen if self.h.peer.streams.get(sid) is not None
-                and self.h.peer.streams[sid].open]
+        live = []
+        for sid in self.peerOpen:
+            stream = self.h.peer.streams.get(sid)
+            if stream is not None and stream.state_machine.state in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE):
+                live.append(sid)
         return live[i % len(live)] if live else None
 
     def peerDo(self, action) -> None:
@@ -190,6 +208,13 @@ class H2ServerMachine(RuleBasedStateMachine):
             self.peerOpen.append(sid)
 
         self.peerDo(go)
+
+    @rule(half=st.booleans(), which=st.sampled_from(["connect", "connect", "post"]))
+    def openAndAccept(self, half, which):
+        before = len(self.tunnels)
+        self.openStream(which, False)
+        if len(self.tunnels) > before:
+            self.answer(len(self.tunnels) - 1, 200, half, 5 if which == "post" else None)
 
     @rule(i=st.integers(0, 10), size=st.sampled_from([0, 1, 100, 16384, 65535]), end=st.booleans(),
           pad=st.one_of(st.none(), st.integers(0, 255)))
@@ -275,7 +300,7 @@ class H2ServerMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 10), status=st.sampled_from([200, 200, 400, 503]), half=st.booleans(),
           body=st.sampled_from([None, None, 0, 5]))
     def answer(self, i, status, half, body):
-        t = self.live(i)
+        t = self.tunnels[i] if i < len(self.tunnels) and not self.tunnels[i][0].closed else self.live(i)
         if t is None or t[1] is not None or t[0].responseReceived:
             return
         stream = t[0]
@@ -332,6 +357,11 @@ class H2ServerMachine(RuleBasedStateMachine):
         self.sync()
 
     # -- checks -------------------------------------------------------------------------------
+
+    @invariant()
+    def legalPeerNotAborted(self):
+        if not self.tainted:
+            assert not self.h.transport.aborted
 
     @invariant()
     def tableMatchesStreams(self):

@@ -5,16 +5,8 @@ from __future__ import annotations
 
 import pytest
 from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    PingReceived,
-    RequestReceived,
-    ResponseReceived,
-    StreamEnded,
-)
+from h2.events import PingReceived, RequestReceived
 from h2.settings import SettingCodes
-from hpack import Encoder
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
@@ -22,14 +14,12 @@ from hyperframe.frame import (
     HeadersFrame,
     PingFrame,
     RstStreamFrame,
-    SettingsFrame,
-    WindowUpdateFrame,
 )
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 
 from hbone.errors import HopUnreachable, StreamReset, TunnelAborted, TunnelRefused
-from hbone.h2.connection import ConnectionSettings, HBoneH2Protocol, RefusedStream
+from hbone.h2.connection import ConnectionSettings, RefusedStream
 from tests.h2harness import (
     CONNECT,
     FakeProducer,
@@ -882,9 +872,9 @@ def test_client_capacity_follows_peer_max_concurrent_streams():
     assert h.proto.capacity == 100  # never more than maxStreamsPerConnection
 
 
-def test_server_refuses_server_push_role_confusion():
-    """A server-role connection's peer may not be sent requests; a client-role
-    connection resets requests it receives (role confusion)."""
+def test_client_role_refuses_a_stream_opened_by_the_server():
+    """Role confusion: HEADERS on an even (server-initiated) stream toward a
+    client is a connection error, not a tunnel."""
     h = client()
     # the peer is an h2 server and cannot send a request through h2; craft one
     f = HeadersFrame(2)
@@ -912,8 +902,8 @@ def test_graceful_goaway_lets_streams_below_last_finish():
     s5, d5 = h.proto.openTunnel(CONNECT, "a:5")
     h.pump()
     failed = {}
-    d3.addErrback(lambda f: failed.setdefault(3, f))
-    d5.addErrback(lambda f: failed.setdefault(5, f))
+    d3.addErrback(lambda f: failed.update({3: f}))
+    d5.addErrback(lambda f: failed.update({5: f}))
     h.send(GoAwayFrame(0, last_stream_id=1, error_code=ErrorCodes.NO_ERROR).serialize())
     assert gone == [h.proto]
     assert failed[3].check(RefusedStream) and failed[5].check(RefusedStream)
@@ -1335,3 +1325,56 @@ def test_post_early_body_ending_early_resets():
     assert h.resets(sid) == [ErrorCodes.PROTOCOL_ERROR]
     assert proto.readLost == 0
     assert not h.goaways()
+
+
+def test_stream_window_update_while_transport_paused_sends_nothing():
+    """A WINDOW_UPDATE for a blocked stream must not push DATA into a paused
+    transport (which would also count it against the control-frame cap)."""
+    h = zeroWindowServer()
+    sid, stream, proto = h.accept()
+    stream.write(b"b" * 60000)
+    h.pump()
+    h.proto.pauseProducing()
+    h.peer.increment_flow_control_window(60000, stream_id=sid)
+    h.toProto()
+    assert not [f for f in parseFrames(h.transport.value()) if isinstance(f, DataFrame)]
+    assert not h.transport.disconnecting
+    h.proto.resumeProducing()
+    h.pump()
+    assert h.dataFor(sid) == b"b" * 60000
+
+
+def test_no_end_stream_while_window_negative():
+    """RFC 9113 §6.9.2: after the peer shrinks INITIAL_WINDOW_SIZE below what is in
+    flight, nothing flow-controlled is sent (not even an empty END_STREAM DATA)
+    until WINDOW_UPDATE makes the window non-negative again; an h2 peer treats it
+    as FLOW_CONTROL_ERROR for the whole connection."""
+    h = server()
+    sid, stream, proto = h.accept(protocol=HalfRecorder())
+    stream.write(b"w")
+    h.pump()
+    h.peer.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    h.pump()
+    assert h.proto._conn.local_flow_control_window(sid) == -1
+    stream.loseWriteConnection()
+    h.pump()
+    assert not h.ended(sid)
+    assert not h.goaways()
+    h.peer.increment_flow_control_window(1, stream_id=sid)
+    h.pump()
+    assert h.ended(sid)
+    assert proto.writeLost == 1
+    assert not h.goaways()
+
+
+def test_header_list_over_8k_is_goaway_enhance_your_calm():
+    h = server()
+    sid, stream, proto = h.accept()
+    big = CONNECT + [(b"x-pad-%d" % i, b"v" * 1000) for i in range(9)]
+    h.peer.send_headers(3, big)
+    h.pump()
+    [goaway] = h.goaways()
+    assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert [s.streamID for s, _ in h.requests] == [1]
+    assert proto.lostReason.check(ConnectionLost)
+    assert h.transport.disconnecting

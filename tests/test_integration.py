@@ -159,11 +159,9 @@ class Peer(Protocol):
         self.received = 0
         self.rxDigest = hashlib.sha256()
         self.eofAt: int | None = None
-        self.writeLost = False
         self.sender: Sender | None = None
         self.reason = None
         self.made: defer.Deferred = defer.Deferred()
-        self.eof: defer.Deferred = defer.Deferred()
         self.lost: defer.Deferred = defer.Deferred()
         self._receiveWaiters: list[tuple[int, defer.Deferred]] = []
 
@@ -185,14 +183,13 @@ class Peer(Protocol):
 
     def readConnectionLost(self) -> None:
         self.eofAt = self.received
-        self.eof.callback(self.received)
         if self.sendAfterEOF:
             self.send(self.sendAfterEOF, "close")
         elif self.sender is None or self.sender.done:
             self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
-        self.writeLost = True
+        pass
 
     def connectionLost(self, reason) -> None:
         self.reason = reason
@@ -256,7 +253,6 @@ class Watch:
         self.accepted = 0
         self.protocols: list = []
         self._lost: list[defer.Deferred] = []
-        self._acceptWaiters: list[tuple[int, defer.Deferred]] = []
         build = factory.buildProtocol
 
         def buildProtocol(addr):
@@ -277,10 +273,6 @@ class Watch:
                         lostD.callback(None)
 
             protocol.connectionLost = lost
-            ready = [(n, d) for n, d in self._acceptWaiters if self.accepted >= n]
-            self._acceptWaiters = [(n, d) for n, d in self._acceptWaiters if self.accepted < n]
-            for _, d in ready:
-                reactor.callLater(0, d.callback, self.accepted)
             return protocol
 
         factory.buildProtocol = buildProtocol
@@ -289,16 +281,6 @@ class Watch:
         d = defer.Deferred()
         self._lost[index].addBoth(lambda r: (d.callback(None), r)[1])
         return d
-
-    def whenAccepted(self, n: int) -> defer.Deferred:
-        if self.accepted >= n:
-            return defer.succeed(self.accepted)
-        d = defer.Deferred()
-        self._acceptWaiters.append((n, d))
-        return d
-
-    def openCount(self) -> int:
-        return sum(1 for d in self._lost if not d.called)
 
     async def allLost(self) -> None:
         while True:
@@ -483,16 +465,28 @@ class ResetCounter:
         h2conn.reset_stream = resetStream
 
 
+def whenClosed(conn) -> defer.Deferred:
+    """Fires once the HBoneH2Protocol ``conn`` has lost its connection (chains the
+    pool's ``onClosed`` hook)."""
+    d = defer.Deferred()
+    if conn.closed:
+        d.callback(None)
+        return d
+    previous = conn.onClosed
+
+    def onClosed(c, reason):
+        if previous is not None:
+            previous(c, reason)
+        d.callback(None)
+
+    conn.onClosed = onClosed
+    return d
+
+
 def abortive(transport) -> None:
     """TCP RST: SO_LINGER 0, then close."""
     transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abortConnection()
-
-
-def clientIdentityWith(cert, key, trustDomain: str = pki.TD, extra=None) -> Identity:
-    bundles = {pki.TD: [pki.ca()[0]]}
-    bundles.update(extra or {})
-    return Identity([cert], key, bundles)
 
 
 # -- the test case ----------------------------------------------------------------
@@ -846,22 +840,25 @@ class IntegrationTests(unittest.TestCase):
         ``reason``, start no HTTP/2 and dial nothing."""
         targetPort, _, targetWatch = self.target()
         server = server or self.server(allow=[targetPort])
+        index = server.watch.accepted
+        streams = len(server.tunnels.streams)
         client = await self.rawTLSClient(server.portNumber, creator, f"127.0.0.1:{targetPort}")
         await client.lost
-        await server.watch.allLost()
+        await server.watch.lostOf(index)
+        self.assertEqual(server.watch.accepted, index + 1)
         self.assertEqual(client.received, b"", "the server sent application data")
         self.assertTrue(
             client.reason.check(SSL.Error, error.ConnectionLost, error.ConnectionDone),
             repr(client.reason.value),
         )
-        self.assertEqual(server.tunnels.streams, [], "a request reached the stream handler")
+        self.assertEqual(len(server.tunnels.streams), streams, "a request reached the stream handler")
         self.assertEqual(targetWatch.accepted, 0)
         logged = self.log.find("TLS handshake with 127.0.0.1:", *reason)
         self.assertEqual(len(logged), 1, f"no log line naming {reason}: {self.log.messages()}")
         return client
 
     def _leaf(self, caPair=None, uris=(pki.CLIENT_ID,), **options):
-        caCert, caKey = caPair or pki.ca()
+        caCert, caKey = caPair or pki.ca(pki.TD)
         return makeLeaf(caCert, caKey, uris=list(uris), ips=["127.0.0.1"], **options)
 
     @asyncTest
@@ -939,7 +936,7 @@ class IntegrationTests(unittest.TestCase):
             identity=federated,
             authorizer=PeerAuthorizer(federated.localId, [otherId]),
         )
-        identity = Identity([cert], key, {"other.example": [otherCA[0]], pki.TD: [pki.ca()[0]]})
+        identity = Identity([cert], key, {"other.example": [otherCA[0]], pki.TD: [pki.ca(pki.TD)[0]]})
         pool = self.pool(identity)
         client = Peer(send=1000, seed=1)
         await self.tunnel(pool, server.hop(), targetPort, client)
@@ -1069,6 +1066,7 @@ class IntegrationTests(unittest.TestCase):
         for c in clients:
             await self.tunnel(pool, hop, targetPort, c)
         (old,) = pool.connections(hop)
+        oldClosed = whenClosed(old)
         serverConn = server.tunnels.streams[0].connection
         self.assertTrue(all(s.connection is serverConn for s in server.tunnels.streams))
         self.assertEqual(len(targets.peers), 3)
@@ -1099,8 +1097,8 @@ class IntegrationTests(unittest.TestCase):
             self.assertTransfer(c, t, size)
             self.assertTransfer(t, c, size)
         # the old connection goes once its streams are done: both ends of its socket
+        await oldClosed
         await oldLost
-        self.assertTrue(old.closed)
         self.assertTrue(serverConn.closed)
         # the new connection is untouched
         self.assertFalse(fresh.transport.connection.closed)

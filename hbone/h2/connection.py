@@ -524,7 +524,7 @@ class HBoneH2Protocol(Protocol):
     def _onWindowUpdated(self, event: WindowUpdated) -> None:
         if event.stream_id == 0:
             self._sendBlocked()
-        else:
+        elif not self._paused:  # else resumeProducing sends it
             stream = self._blocked.get(event.stream_id)
             if stream is not None:
                 self._sendStream(stream)
@@ -671,7 +671,9 @@ class HBoneH2Protocol(Protocol):
                     conn.send_data(sid, chunk[:n])
                     buf[0] = chunk[n:]
                     stream._outbytes -= n
-            if not buf and stream._endPending and not ended:
+            # an empty END_STREAM DATA is flow-controlled too: not while the peer's
+            # SETTINGS has made the window negative (RFC 9113 §6.9.2)
+            if not buf and stream._endPending and not ended and conn.local_flow_control_window(sid) >= 0:
                 conn.end_stream(sid)
                 ended = True
         except StreamClosedError:
@@ -682,6 +684,8 @@ class HBoneH2Protocol(Protocol):
             self._blocked[sid] = stream  # at the back: round robin
             stream._pauseProducer()
         else:
+            if stream._endPending and not ended:
+                self._blocked[sid] = stream  # END_STREAM waits for WINDOW_UPDATE
             stream._drained()
         if ended:
             stream._sentEnd()
