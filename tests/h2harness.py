@@ -217,6 +217,8 @@ class Harness:
         """Move bytes both ways until both sides are quiet; return new peer events."""
         new = []
         for _ in range(100):
+            # closes a protocol asked for are reported from the reactor (callLater(0))
+            self.clock.advance(0)
             events = self.toPeer()
             new.extend(events)
             sent = self.toProto()

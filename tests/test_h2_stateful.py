@@ -378,6 +378,9 @@ class H2ServerMachine(RuleBasedStateMachine):
         h = self.h
         if not h.lostDelivered:
             h.deliverLost(Failure(ConnectionLost("test over")))
+        # a close the protocol asked for is reported from the reactor, never
+        # re-entrantly (as TCP does)
+        h.clock.advance(0)
         proto = h.proto
         assert proto.closed
         assert proto.streams == {}

@@ -19,7 +19,7 @@ retried once on another connection.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from h2.errors import ErrorCodes
 from twisted.internet import defer
@@ -43,12 +43,17 @@ class HBoneHop:
     :param identities: IdentityPattern objects; None means "any SVID of our own
         trust domain" (SECURITY §4.2), logged once per connection.
     :param method: ``"connect"`` or ``"post"`` (the ``/_hbone/`` form).
+    :param via: how to reach ``host:port``: ``via(host, port)`` returns an
+        ``IStreamClientEndpoint`` (the previous hop of a chain). None: TCP. A
+        connection made through ``via`` is never pooled: it carries one tunnel and
+        closes with it (double HBONE, ztunnel#1429).
     """
 
     host: str
     port: int
     identities: tuple | None = None
     method: str = "connect"
+    via: object | None = field(default=None, compare=False, hash=False)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -96,6 +101,8 @@ class Pool:
         for the caller (who must then call ``openTunnel`` and drop the reservation)."""
         if self._closing:
             return defer.fail(HopUnreachable("the pool is shutting down"))
+        if hop.via is not None:
+            return defer.Deferred.fromCoroutine(self._dedicated(hop))
         key = self._key(hop)
         entry = self._entries.get(key)
         if entry is None:
@@ -171,9 +178,25 @@ class Pool:
             entry.conns.remove(conn)
             self._service(key)
 
+    async def _dedicated(self, hop: HBoneHop):
+        """A connection of its own through ``hop.via``, closed when its tunnel ends."""
+        conn = await self._connect(hop)
+        self._live.add(conn)
+        conn.reserved += 1
+
+        def capacity(c):
+            if not c.streams and not c.reserved and not c.closed:
+                c.loseConnection()
+
+        conn.onCapacity = capacity
+        conn.onClosed = lambda c, reason: self._live.discard(c)
+        return conn
+
     async def _connect(self, hop: HBoneHop):
         what = f"{hop}"
-        if ":" in hop.host:
+        if hop.via is not None:
+            tcp = hop.via(hop.host, hop.port)
+        elif ":" in hop.host:
             tcp = TCP6ClientEndpoint(self.reactor, hop.host, hop.port, timeout=self.connectTimeout)
         else:
             try:

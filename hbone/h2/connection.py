@@ -455,7 +455,7 @@ class HBoneH2Protocol(Protocol):
         except Exception:
             self.log.failure("stream handler failed for stream {sid}", sid=sid)
             if not stream.closed:
-                stream.resetStream(ErrorCodes.INTERNAL_ERROR)
+                stream._reset(ErrorCodes.INTERNAL_ERROR)
 
     def _onResponse(self, event: ResponseReceived) -> None:
         sid = event.stream_id
@@ -492,7 +492,7 @@ class HBoneH2Protocol(Protocol):
     def _onTrailers(self, event: TrailersReceived) -> None:
         stream = self.streams.get(event.stream_id)
         if stream is not None:
-            stream.resetStream(ErrorCodes.PROTOCOL_ERROR)
+            stream._reset(ErrorCodes.PROTOCOL_ERROR)
 
     def _onData(self, event: DataReceived) -> None:
         stream = self.streams.get(event.stream_id)

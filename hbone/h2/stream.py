@@ -123,6 +123,7 @@ class H2TunnelStream:
         self.bytesReceived = 0
         self.bytesSent = 0
         self._bodyRemaining: int | None = None
+        self._calls = 0  # >0 while the protocol is inside one of our methods
 
     # -- addresses -----------------------------------------------------------
 
@@ -168,7 +169,7 @@ class H2TunnelStream:
         early, resets the stream (PROTOCOL §5)."""
         self._bodyRemaining = length - self.bytesReceived
         if self._bodyRemaining < 0 or (self._bodyRemaining and self.remoteEnded):
-            self.resetStream(ErrorCodes.PROTOCOL_ERROR)
+            self._reset(ErrorCodes.PROTOCOL_ERROR)
         elif self._bodyRemaining == 0 and self.protocol is not None:
             self._deliverReadEnd()
 
@@ -195,6 +196,13 @@ class H2TunnelStream:
 
     def loseWriteConnection(self) -> None:
         """END_STREAM after every queued byte."""
+        self._calls += 1
+        try:
+            self._loseWriteConnection()
+        finally:
+            self._calls -= 1
+
+    def _loseWriteConnection(self) -> None:
         if self.localEnded or self._endPending or self.closed:
             return
         self._endPending = True
@@ -203,10 +211,17 @@ class H2TunnelStream:
     def loseConnection(self) -> None:
         """Like TCP's: finish writing, END_STREAM, and stop reading. If the peer is
         still sending, it is told to stop with RST_STREAM(NO_ERROR) (RFC 9113 §8.1)."""
+        self._calls += 1
+        try:
+            self._loseConnection()
+        finally:
+            self._calls -= 1
+
+    def _loseConnection(self) -> None:
         if self.closed or self.disconnecting:
             return
         self.disconnecting = True
-        self.loseWriteConnection()
+        self._loseWriteConnection()
         self._checkDone()
 
     def abortConnection(self, errorCode: int = ErrorCodes.CANCEL) -> None:
@@ -214,10 +229,30 @@ class H2TunnelStream:
         self.resetStream(errorCode)
 
     def resetStream(self, errorCode: int = ErrorCodes.CANCEL) -> None:
+        """RST_STREAM(``errorCode``); the protocol's ``connectionLost`` follows from
+        the reactor."""
+        self._calls += 1
+        try:
+            self._reset(errorCode)
+        finally:
+            self._calls -= 1
+
+    def _reset(self, errorCode: int) -> None:
+        """RST_STREAM from inside hbone (a protocol violation seen while receiving)."""
         if self.closed:
             return
         self.connection._resetStream(self, errorCode)
         self._close(Failure(TunnelAborted(f"stream reset locally ({ErrorCodes(errorCode).name})")))
+
+    def _deliver(self, f, *args) -> None:
+        """Call a protocol callback now, or, when the protocol itself is inside one
+        of our methods, from the reactor: like TCP, a transport never calls
+        ``connectionLost``/``writeConnectionLost`` re-entrantly (TLS over a stream
+        relies on it)."""
+        if self._calls:
+            self.connection.clock.callLater(0, f, *args)
+        else:
+            f(*args)
 
     # -- IConsumer ---------------------------------------------------------------
 
@@ -265,7 +300,7 @@ class H2TunnelStream:
         if self._bodyRemaining is not None and data:
             self._bodyRemaining -= len(data)
             if self._bodyRemaining < 0:
-                self.resetStream(ErrorCodes.PROTOCOL_ERROR)
+                self._reset(ErrorCodes.PROTOCOL_ERROR)
                 return
         if self.protocol is None:
             if data:
@@ -286,7 +321,7 @@ class H2TunnelStream:
 
     def _remoteEnd(self) -> None:
         if self._bodyRemaining:  # END_STREAM before content-length bytes
-            self.resetStream(ErrorCodes.PROTOCOL_ERROR)
+            self._reset(ErrorCodes.PROTOCOL_ERROR)
             return
         self.remoteEnded = True
         if self._readEndDelivered:
@@ -306,7 +341,7 @@ class H2TunnelStream:
             half.readConnectionLost()
             self._checkDone()
         else:
-            self.loseConnection()
+            self._loseConnection()
 
     def _sentEnd(self) -> None:
         """The connection sent our END_STREAM."""
@@ -315,7 +350,7 @@ class H2TunnelStream:
         if self.protocol is not None and not self.disconnecting:
             half = IHalfCloseableProtocol(self.protocol, None)
             if half is not None:
-                half.writeConnectionLost()
+                self._deliver(half.writeConnectionLost)
         self._checkDone()
 
     def _drained(self) -> None:
@@ -368,10 +403,14 @@ class H2TunnelStream:
         self.connection._streamClosed(self)
         producer, self.producer = self.producer, None
         protocol = self.protocol
+        watchers, self._closeWatchers = self._closeWatchers, []
+        self._deliver(self._notifyClosed, protocol, producer, watchers, reason)
+
+    @staticmethod
+    def _notifyClosed(protocol, producer, watchers, reason) -> None:
         if protocol is not None:
             protocol.connectionLost(reason)
         elif producer is not None:
             producer.stopProducing()
-        watchers, self._closeWatchers = self._closeWatchers, []
         for w in watchers:
             w(reason)
