@@ -18,11 +18,11 @@ $(VENV)/.installed-test: $(VENV)/.installed setup.cfg
 
 ## run: a complete HBONE tunnel on loopback with development certificates (Ctrl-C stops)
 run: $(VENV)/.installed
-	$(BIN)/hbone dev
+	$(BIN)/hbone dev --config conf/node.ini
 
 ## selftest: the same, one request through the tunnel, then exit
 selftest: $(VENV)/.installed
-	$(BIN)/hbone dev --selftest
+	$(BIN)/hbone dev --config conf/node.ini --selftest
 
 ## test: the whole test suite (integration tests need nghttpx, tinyproxy, curl, openssl)
 test: $(VENV)/.installed-test

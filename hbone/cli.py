@@ -41,11 +41,30 @@ examples:
   # everything on loopback with minted development certificates
   hbone dev
 
-listeners (-L):  tcp://[host]:port/target   fixed-target forwarder
-                 hbone://[host]:port        HBONE server (CONNECT and POST /_hbone/ over mTLS HTTP/2)
-hops (-F):       hbone://host:port[?identity=SPIFFE-ID-or-pattern][&method=post]
-An omitted listener host binds 127.0.0.1 (gost binds every address). Quote URLs with ? or &.
-A hop without identity= accepts any SVID of our own trust domain; naming it is recommended.
+  # HTTP + SOCKS proxy on 127.0.0.1:8080 whose tunnels go through an HBONE gateway
+  hbone --certs ./client -L :8080 -F "hbone://gw.example:15008?identity=spiffe://cluster.local/ns/istio-system/sa/gw"
+
+  # two hops: HBONE inside HBONE ("double HBONE")
+  hbone --certs ./client -L tcp://:2222/10.0.0.5:22 -F hbone://gw-a:15008 -F hbone://gw-b:15008
+
+  # ssh through a tunnel
+  ssh -o ProxyCommand='hbone connect %h:%p --certs ./client -F hbone://gw.example:15008' user@host
+
+  # the same node from a config file (see docs/config.md)
+  hbone -C conf/node.ini
+
+listeners (-L):  [auto://][user:pass@][host]:port   HTTP and SOCKS proxy, sniffed (also http://, socks5://, socks4://)
+                 tcp://[host]:port/target            fixed-target forwarder
+                 hbone://[host]:port                 HBONE server (CONNECT and POST /_hbone/ over mTLS HTTP/2)
+                 h2c://[host]:port?jwks=F&audience=A HBONE over cleartext HTTP/2 behind a TLS-terminating
+                                                     load balancer, bearer JWT-SVIDs (?insecure=1: loopback only)
+hops (-F):       hbone://host:port[?identity=ID-or-pattern][&method=post]
+                 hbone://lb:443?tls=server&token=@FILE[&method=post]   toward a TLS-terminating load balancer
+                 h2c://host:port?token=@FILE   http2://[user:pass@]host:port   http://..   socks5://..
+                 host1:port,host2:port in one hop: a group, one node per tunnel with failover
+An omitted listener host binds 127.0.0.1 (gost binds every address); a proxy listener on another
+address needs user:pass@. Quote URLs with ? or &. A hop without identity= accepts any SVID of our
+own trust domain; naming it is recommended. Every -F is one hop, in dial order, for every listener.
 """
 
 
@@ -74,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-L", dest="listeners", action="append", default=[], metavar="URL",
                    help="a listener, repeatable (see below)")
     p.add_argument("-F", dest="hops", action="append", default=[], metavar="URL",
-                   help="forward every tunnel through this HBONE hop")
+                   help="forward every tunnel through this hop; repeat for a chain, in dial order")
+    p.add_argument("-C", "--config", metavar="FILE",
+                   help="run the node of a config file (the same as twistd -n hbone --config FILE)")
     p.add_argument("--certs", metavar="DIR",
                    help="identity directory with Istio's names: cert-chain.pem, key.pem, root-cert.pem")
     p.add_argument("--cert", metavar="FILE", help="certificate chain (PEM, leaf first); with --key and --ca")
@@ -136,6 +157,30 @@ def _loadIdentity(options):
     return None
 
 
+def _specFromOptions(options):
+    """-L/-F and the global options -> (NodeSpec, hops); ValueError names the argument."""
+    from hbone.service import NodeSpec
+    from hbone.tls import IdentityConfigError
+    from hbone.urls import parseHop, parseListener
+
+    listeners = tuple(parseListener(x) for x in options.listeners)
+    hops = tuple(parseHop(x) for x in options.hops)
+    try:
+        identity = _loadIdentity(options)
+    except IdentityConfigError as e:
+        raise ValueError(str(e)) from None
+    spec = NodeSpec(
+        listeners=listeners,
+        hops=hops,
+        identity=identity,
+        allow=tuple(options.allow),
+        allowPeers=tuple(options.allowPeers),
+        connectTimeout=options.connect_timeout,
+        idleTimeout=options.idle_timeout,
+    )
+    return spec, hops
+
+
 def _run(reactor, nodes, ready) -> int:
     """Bind every node's listeners, start them, run the reactor; 1 if a bind failed."""
     from twisted.internet import defer
@@ -189,34 +234,32 @@ def main(argv: list[str] | None = None) -> int:
         from hbone.dev import devMain
 
         return devMain(argv[1:])
+    if argv and argv[0] == "connect":
+        from hbone.connect import connectMain
+
+        return connectMain(argv[1:])
     parser = _parser()
     options = parser.parse_args(_normalizeFlags(argv))
-    if not options.listeners:
-        parser.print_usage(sys.stderr)
-        return _fail("nothing to do: give at least one -L listener (see hbone --help), or try 'hbone dev'")
-    from hbone.service import Node, NodeConfigError, NodeSpec
-    from hbone.urls import URLError, parseHop, parseListener
+    if options.config:
+        if options.listeners or options.hops:
+            return _fail("-C FILE describes the whole node; give -L/-F in the file, not beside it")
+        from hbone.config import ConfigError, loadConfig
 
-    try:
-        listeners = tuple(parseListener(x) for x in options.listeners)
-        hops = tuple(parseHop(x) for x in options.hops)
-    except URLError as e:
-        return _fail(str(e))
-    from hbone.tls import IdentityConfigError
-
-    try:
-        identity = _loadIdentity(options)
-    except IdentityConfigError as e:
-        return _fail(str(e))
-    spec = NodeSpec(
-        listeners=listeners,
-        hops=hops,
-        identity=identity,
-        allow=tuple(options.allow),
-        allowPeers=tuple(options.allowPeers),
-        connectTimeout=options.connect_timeout,
-        idleTimeout=options.idle_timeout,
-    )
+        try:
+            spec = loadConfig(options.config)
+        except ConfigError as e:
+            return _fail(str(e))
+        hops = spec.hops
+    else:
+        if not options.listeners:
+            parser.print_usage(sys.stderr)
+            return _fail("nothing to do: give at least one -L listener, e.g. -L tcp://:7000/10.0.0.5:22 "
+                         "(see hbone --help), or try 'hbone dev'")
+        try:
+            spec, hops = _specFromOptions(options)
+        except ValueError as e:
+            return _fail(str(e))
+    from hbone.service import Node, NodeConfigError
     from twisted.internet import reactor
 
     try:
@@ -224,13 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     except NodeConfigError as e:
         return _fail(str(e))
     _startLogging(options.verbose, options.quiet)
+    identity = spec.identity
     if identity is not None:
         log.info("identity {id} (certificate valid until {until})", id=str(identity.localId),
                  until=identity.notAfter.strftime("%Y-%m-%d %H:%M UTC"))
 
     def ready():
         bound = ", ".join(f"{k} (port {v})" for k, v in node.boundPorts().items())
-        via = f" via {hops[0]}" if hops else ""
+        via = f" via {' -> '.join(str(h) for h in hops)}" if hops else ""
         log.info("ready: {bound}{via}", bound=bound, via=via)
 
     return _run(reactor, [node], ready)

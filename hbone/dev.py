@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog=textwrap_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--config", "-C", metavar="FILE",
+                   help="run this config file's node instead of the built-in pair, minting the "
+                        "development identity its [node] certs names (e.g. conf/node.ini)")
     p.add_argument("--state", default=".hbone-state", metavar="DIR",
                    help="where the development CA and identities live (default .hbone-state)")
     p.add_argument("--hbone-port", type=int, default=15008, help="HBONE server port (default 15008)")
@@ -78,6 +81,8 @@ class _Hello:
 
 def devMain(argv: list[str]) -> int:
     options = _parser().parse_args(argv)
+    if options.config:
+        return _devConfig(options)
     from hbone.ca import ensureDevIdentity
     from hbone.cli import _run, _startLogging
     from hbone.service import Node, NodeSpec
@@ -165,3 +170,120 @@ def _selftest(reactor, port: int):
         return 1
 
     return defer.Deferred.fromCoroutine(go())
+
+
+def _devConfig(options) -> int:
+    """``hbone dev --config FILE``: mint the identity FILE's ``[node] certs`` names
+    (spiffe://cluster.local/ns/default/sa/<directory name>), serve the demo page,
+    run FILE's node."""
+    import configparser
+
+    from hbone.ca import ensureDevIdentity
+    from hbone.cli import _run, _startLogging
+    from hbone.config import ConfigError, loadConfig
+    from hbone.service import Node, NodeConfigError
+
+    path = Path(options.config)
+    raw = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
+    try:
+        raw.read(path, encoding="utf-8")
+        certs = raw.get("node", "certs")
+    except (configparser.Error, OSError):
+        sys.stderr.write(f"hbone: error: {path}: hbone dev needs a [node] certs directory to mint\n")
+        return 2
+    certsDir = (path.resolve().parent / certs).resolve()
+    name = certsDir.name
+    ensureDevIdentity(certsDir.parent, TRUST_DOMAIN, {name: f"spiffe://{TRUST_DOMAIN}/ns/default/sa/{name}"})
+    try:
+        spec = loadConfig(path)
+        from twisted.internet import defer, reactor
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        node = Node(reactor, spec)
+    except (ConfigError, NodeConfigError) as e:
+        sys.stderr.write(f"hbone: error: {e}\n")
+        return 2
+    _startLogging(options.verbose, False)
+    tp = options.target_port
+    targetPort = []
+
+    async def startTarget():
+        targetPort.append(await TCP4ServerEndpoint(reactor, tp, interface="127.0.0.1").listen(_Hello.site()))
+
+    def ready():
+        d = defer.Deferred.fromCoroutine(startTarget())
+
+        def up(_):
+            reactor.addSystemEventTrigger("before", "shutdown", targetPort[0].stopListening)
+            log.info("identity {id}, certificates in {d}/", id=str(spec.identity.localId), d=str(certsDir))
+            tries = []
+            for l in spec.listeners:
+                port = node.boundPorts().get(str(l))
+                if l.scheme == "tcp":
+                    tries.append(f"curl http://127.0.0.1:{port}/")
+                elif l.scheme in ("auto", "http"):
+                    tries.append(f"curl -x http://127.0.0.1:{port} http://127.0.0.1:{tp}/")
+                if l.scheme in ("auto", "socks5"):
+                    tries.append(f"curl --socks5-hostname 127.0.0.1:{port} http://127.0.0.1:{tp}/")
+            if options.selftest:
+                return _selftestAll(reactor, node, spec, tp)
+            log.info("ready; the demo page is 127.0.0.1:{tp}. Try (Ctrl-C stops):", tp=tp)
+            for t in tries:
+                log.info("  {t}", t=t)
+            return None
+
+        def failed(f):
+            sys.stderr.write(f"hbone: error: demo target on 127.0.0.1:{tp}: {f.getErrorMessage()}\n")
+            return 1
+
+        return d.addCallbacks(up, failed)
+
+    return _run(reactor, [node], ready)
+
+
+def _selftestAll(reactor, node, spec, targetPort: int):
+    """One request through every tcp listener and every HTTP-capable proxy listener."""
+    from twisted.internet import defer
+
+    async def go():
+        code = 0
+        for l in spec.listeners:
+            port = node.boundPorts().get(str(l))
+            if l.scheme == "tcp":
+                request = b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+            elif l.scheme in ("auto", "http"):
+                request = f"GET http://127.0.0.1:{targetPort}/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode()
+            else:
+                continue
+            ok = await _fetch(reactor, port, request)
+            sys.stdout.write(f"selftest {l.scheme} 127.0.0.1:{port}: {'ok' if ok else 'FAILED'}\n")
+            code = code or (0 if ok else 1)
+        return code
+
+    return defer.Deferred.fromCoroutine(go())
+
+
+async def _fetch(reactor, port: int, request: bytes) -> bool:
+    from twisted.internet import defer
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+    from twisted.internet.protocol import Factory, Protocol
+
+    class Get(Protocol):
+        def connectionMade(self):
+            self.chunks = []
+            self.done = defer.Deferred()
+            self.transport.write(request)
+
+        def dataReceived(self, data):
+            self.chunks.append(data)
+
+        def connectionLost(self, reason):
+            self.done.callback(b"".join(self.chunks))
+
+    try:
+        p = await TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10).connect(Factory.forProtocol(Get))
+        body = await p.done
+    except Exception as e:
+        sys.stderr.write(f"hbone: selftest: 127.0.0.1:{port}: {e}\n")
+        return False
+    return b" 200 " in body.split(b"\r\n", 1)[0] and b"reached through an HBONE tunnel" in body

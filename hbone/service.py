@@ -16,14 +16,16 @@ from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
 
-from hbone.dialer import DirectDialer, HBoneDialer
-from hbone.h2.client import HBoneHop, Pool
+from hbone.chain import ChainDialer
+from hbone.dialer import DirectDialer
+from hbone.events import Events, LogObserver
+from hbone.h2.client import Pool
 from hbone.h2.connection import ConnectionSettings
 from hbone.h2.server import TunnelServer, hboneServerFactory
 from hbone.policy import DestinationPolicy, PeerAuthorizer, ReactorResolver, parseAllowEntry
 from hbone.proxy.tcp import TCPForwardFactory
 from hbone.splice import TunnelTracker
-from hbone.urls import HopSpec, ListenerSpec
+from hbone.urls import PROXY_LISTENERS, HopSpec, ListenerSpec
 
 __all__ = ["NodeSpec", "Node", "ListenError", "NodeConfigError"]
 
@@ -81,66 +83,121 @@ class _ListenerService(Service):
 
 
 class Node(MultiService):
-    """Everything one hbone process runs, built from a :class:`NodeSpec`."""
+    """Everything one hbone process runs, built from a :class:`NodeSpec`.
+
+    Shared state, passed by constructor to whoever needs it: ``identity``,
+    ``policy`` (destinations), ``authorizer`` (peer identities), ``pool``
+    (outbound HBONE connections), ``tracker`` (live tunnels), ``events`` (the
+    fan-out; the log subscribes to it, and so can an embedding program).
+    """
 
     log = Logger()
 
-    def __init__(self, reactor, spec: NodeSpec, bindOnPrivilegedStart: bool = False) -> None:
+    def __init__(self, reactor, spec: NodeSpec, bindOnPrivilegedStart: bool = False,
+                 events: Events | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.spec = spec
         self.bindOnPrivilegedStart = bindOnPrivilegedStart
+        chains = [spec.hops] + [l.chain for l in spec.listeners if l.chain]
         needsIdentity = any(l.scheme == "hbone" for l in spec.listeners) or any(
-            h.scheme == "hbone" for h in spec.hops
+            h.scheme in ("hbone", "http2", "h2c") for c in chains for h in c
         )
         if needsIdentity and spec.identity is None:
             raise NodeConfigError(
                 "an hbone listener or hop needs an identity: --certs DIR "
                 "(cert-chain.pem, key.pem, root-cert.pem) or --cert/--key/--ca"
             )
-        if len(spec.hops) > 1:
-            raise NodeConfigError("chains of several -F hops are not available in this build; give one -F")
         self.identity = spec.identity
         try:
             allow = [parseAllowEntry(a) for a in spec.allow]
         except ValueError as e:
             raise NodeConfigError(f"--allow: {e}") from None
         self.policy = DestinationPolicy(allow)
-        self.authorizer = (
-            PeerAuthorizer(self.identity.localId, spec.allowPeers) if self.identity is not None else None
-        )
-        self.tracker = TunnelTracker(reactor, spec.idleTimeout, self._tunnelClosed)
+        try:
+            self.authorizer = (
+                PeerAuthorizer(self.identity.localId, spec.allowPeers) if self.identity is not None else None
+            )
+        except ValueError as e:
+            raise NodeConfigError(f"--allow-peer: {e}") from None
+        self.events = events if events is not None else Events()
+        self.events.subscribe(LogObserver())
+        self.tracker = TunnelTracker(reactor, spec.idleTimeout, events=self.events)
         self.pool = (
             Pool(reactor, self.identity, spec.settings, spec.connectTimeout, spec.name)
             if self.identity is not None
             else None
         )
-        if spec.hops:
-            hop = spec.hops[0]
-            self.hop = HBoneHop(hop.host, hop.port, hop.identities, hop.method)
-            self.dialer = HBoneDialer(self.pool, self.hop)
-        else:
-            self.hop = None
-            self.dialer = DirectDialer(reactor, self.policy, ReactorResolver(reactor), spec.connectTimeout)
+        self._dialers: dict = {}
+        self.dialer = self._dialerFor(spec.hops)
         self.listeners: list[_ListenerService] = []
         for listener in spec.listeners:
             self.listeners.append(self._buildListener(listener))
         for service in self.listeners:
             service.setServiceParent(self)
 
+    def _dialerFor(self, hops):
+        """One dialer per distinct chain: direct TCP (with policy) when empty."""
+        hops = tuple(hops or ())
+        dialer = self._dialers.get(hops)
+        if dialer is None:
+            if hops:
+                try:
+                    dialer = ChainDialer(self.reactor, hops, self.pool, self.spec.connectTimeout)
+                except ValueError as e:
+                    raise NodeConfigError(str(e)) from None
+            else:
+                dialer = DirectDialer(self.reactor, self.policy, ReactorResolver(self.reactor),
+                                      self.spec.connectTimeout)
+            self._dialers[hops] = dialer
+        return dialer
+
     def _endpoint(self, spec: ListenerSpec):
         cls = TCP6ServerEndpoint if ":" in spec.host else TCP4ServerEndpoint
         return cls(self.reactor, spec.port, backlog=1024, interface=spec.host)
 
     def _buildListener(self, spec: ListenerSpec) -> _ListenerService:
+        dialer = self._dialerFor(spec.chain) if spec.chain is not None else self.dialer
+        name = str(spec)
         if spec.scheme == "hbone":
-            server = TunnelServer(self.reactor, self.dialer, self.authorizer, self.tracker, name=self.spec.name)
+            server = TunnelServer(self.reactor, dialer, self.authorizer, self.tracker,
+                                  name=self.spec.name)
             factory = hboneServerFactory(self.reactor, self.identity, server, self.spec.settings)
+        elif spec.scheme == "h2c":
+            factory = self._h2cFactory(spec, dialer)
         elif spec.scheme == "tcp":
-            factory = TCPForwardFactory(spec.target, self.dialer, self.tracker, self.reactor, name=str(spec))
+            factory = TCPForwardFactory(spec.target, dialer, self.tracker, self.reactor, name=name)
+        elif spec.scheme in PROXY_LISTENERS:
+            factory = self._proxyFactory(spec, dialer)
         else:  # pragma: no cover - urls.py refuses the rest
             raise NodeConfigError(f"-L {spec}: unsupported scheme {spec.scheme}")
         return _ListenerService(spec, self._endpoint(spec), factory, self._bound)
+
+    def _proxyFactory(self, spec: ListenerSpec, dialer):
+        from hbone.proxy.auto import AutoProxyFactory
+        from hbone.proxy.http import HTTPProxyFactory, checkBindSafety
+        from hbone.proxy.socks import SOCKSProxyFactory
+
+        try:
+            checkBindSafety(spec.scheme, spec.host, spec.credentials)
+        except ValueError as e:
+            raise NodeConfigError(f"-L {spec}: {e}") from None
+        cls = {"http": HTTPProxyFactory, "auto": AutoProxyFactory}.get(spec.scheme, SOCKSProxyFactory)
+        return cls(dialer, self.tracker, self.reactor, credentials=spec.credentials, name=str(spec))
+
+    def _h2cFactory(self, spec: ListenerSpec, dialer):
+        from hbone.h2.server import checkH2cSafety, h2cServerFactory
+        from hbone.jwt import JWKSVerifier
+
+        jwks = spec.option("jwks")
+        insecure = spec.option("insecure") in ("1", "true", "yes")
+        try:
+            verifier = JWKSVerifier(jwks, spec.option("audience"), self.reactor) if jwks else None
+            checkH2cSafety(spec.host, verifier, insecure)
+        except (ValueError, OSError) as e:
+            raise NodeConfigError(f"-L {spec}: {e}") from None
+        server = TunnelServer(self.reactor, dialer, self.authorizer, self.tracker, name=self.spec.name)
+        return h2cServerFactory(self.reactor, server, self.spec.settings, verifier, insecure)
 
     def _bound(self, service: _ListenerService, port) -> None:
         address = port.getHost()
@@ -148,19 +205,6 @@ class Node(MultiService):
         self.policy.addOwnPort(address.port)
         self.log.info("listening: {scheme} on {host}:{port}", scheme=service.spec.scheme,
                       host=address.host, port=address.port)
-
-    def _tunnelClosed(self, tunnel) -> None:
-        info = tunnel.info
-        self.log.info(
-            "tunnel {direction} {source} -> {target} closed{how}: {up} bytes up, {down} bytes down, {secs:.1f}s",
-            direction=info.get("direction", ""),
-            source=_fmtSource(info.get("source")),
-            target=info.get("target"),
-            how=f" ({tunnel.reason})" if tunnel.reason else "",
-            up=tunnel.bytesAtoB,
-            down=tunnel.bytesBtoA,
-            secs=self.reactor.seconds() - tunnel.openedAt,
-        )
 
     def startListening(self) -> defer.Deferred:
         """Bind every listener; fails with :class:`ListenError` on the first that
@@ -203,8 +247,3 @@ class Node(MultiService):
         return d.addCallback(after)
 
 
-def _fmtSource(source) -> str:
-    if not source:
-        return "?"
-    host, port = source
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

@@ -233,10 +233,11 @@ class TunnelTracker:
     log = Logger()
 
     def __init__(self, clock, idleTimeout: float = 3600.0,
-                 onClose: Callable[[Tunnel], None] | None = None) -> None:
+                 onClose: Callable[[Tunnel], None] | None = None, events=None) -> None:
         self.clock = clock
         self.idleTimeout = idleTimeout
         self.onClose = onClose
+        self.events = events  # hbone.events.Events: TunnelOpened / TunnelClosed
         self.tunnels: set[Tunnel] = set()
         self._sweep = None
         self.opened = 0
@@ -244,11 +245,29 @@ class TunnelTracker:
     def _opened(self, tunnel: Tunnel) -> None:
         self.tunnels.add(tunnel)
         self.opened += 1
+        if self.events is not None:
+            from hbone.events import TunnelOpened
+
+            info = tunnel.info
+            self.events.emit(TunnelOpened(
+                info.get("direction", ""), info.get("listener", ""), info.get("peer"),
+                info.get("source"), info.get("target", "?"), info.get("traceparent"),
+            ))
         if self._sweep is None and self.idleTimeout:
             self._sweep = self.clock.callLater(self.idleTimeout / 4, self._sweepIdle)
 
     def _closed(self, tunnel: Tunnel) -> None:
         self.tunnels.discard(tunnel)
+        if self.events is not None:
+            from hbone.events import TunnelClosed
+
+            info = tunnel.info
+            self.events.emit(TunnelClosed(
+                info.get("direction", ""), info.get("listener", ""), info.get("peer"),
+                info.get("source"), info.get("target", "?"), info.get("traceparent"),
+                tunnel.bytesAtoB, tunnel.bytesBtoA, self.clock.seconds() - tunnel.openedAt,
+                tunnel.reason,
+            ))
         if self.onClose is not None:
             try:
                 self.onClose(tunnel)

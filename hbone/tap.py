@@ -1,5 +1,6 @@
 """twistd wiring: ``Options`` and ``makeService`` (no logic of its own).
 
+    twistd -n hbone --config conf/node.ini
     twistd -n hbone --certs ./server --allow 127.0.0.1:9000 -L hbone://127.0.0.1:15008
 
 The options are the command line's (``hbone --help``); both build the same
@@ -18,6 +19,7 @@ class Options(usage.Options):
     synopsis = "[options] -L URL [-L URL ...] [-F URL]"
     longdesc = "Run an hbone node.\n\n" + EPILOG
     optParameters = [
+        ["config", "C", None, "a node config file (docs/config.md); replaces -L/-F and the other options"],
         ["certs", None, None, "identity directory (cert-chain.pem, key.pem, root-cert.pem)"],
         ["cert", None, None, "certificate chain (PEM); with --key and --ca"],
         ["key", None, None, "private key (PEM)"],
@@ -54,8 +56,18 @@ class Options(usage.Options):
         from hbone.tls import Identity, IdentityConfigError
         from hbone.urls import URLError, parseHop, parseListener
 
+        if self["config"]:
+            from hbone.config import ConfigError, loadConfig
+
+            if self["listeners"] or self["hops"]:
+                raise usage.UsageError("--config describes the whole node; give -L/-F in the file")
+            try:
+                self["spec"] = loadConfig(self["config"])
+            except ConfigError as e:
+                raise usage.UsageError(str(e)) from None
+            return
         if not self["listeners"]:
-            raise usage.UsageError("give at least one -L listener")
+            raise usage.UsageError("give --config FILE, or at least one -L listener")
         try:
             listeners = tuple(parseListener(x) for x in self["listeners"])
             hops = tuple(parseHop(x) for x in self["hops"])

@@ -50,11 +50,12 @@ def test_parseListener(text, scheme, host, port, target):
         ("tcp://:7000/127.1:80", "bad target"),
         ("hbone://:99999", "out of range"),
         ("hbone://:15008/x:1", "only tcp:// listeners take a /target"),
-        ("socks5://:1080", "not available in this build"),
+        ("sni://:15443", "not available in this build"),
         ("gopher://:70", "unknown scheme 'gopher'"),
-        (":8080", "'auto' is not available"),
+        ("mtls://:443", "gost's multiplexed TLS"),
         ("hbone://:15008?foo=1", "unknown option 'foo'"),
-        ("tcp://user:pw@:7000/h:1", "credentials are not supported"),
+        ("tcp://user:pw@:7000/h:1", "only http, socks and auto listeners take user:pass@"),
+        ("http://user@:8080", "credentials must be user:pass@"),
     ],
 )
 def test_parseListener_errors(text, message):
@@ -62,6 +63,31 @@ def test_parseListener_errors(text, message):
         parseListener(text)
     assert message in str(e.value)
     assert text in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "text, scheme, credentials",
+    [
+        (":8080", "auto", None),
+        ("http://bob:s3cret@0.0.0.0:8080", "http", ("bob", "s3cret")),
+        ("socks5://:1080", "socks5", None),
+        ("socks4a://:1080", "socks4a", None),
+        ("h2c://:15009?insecure=1", "h2c", None),
+    ],
+)
+def test_parseListener_proxySchemes(text, scheme, credentials):
+    spec = parseListener(text)
+    assert spec.scheme == scheme and spec.credentials == credentials
+    assert spec.host in ("127.0.0.1", "0.0.0.0")
+
+
+def test_parseHop_groupsAndDefaults():
+    hop = parseHop("hbone://gw1:15008,10.0.0.2:15008,[::1]:15008")
+    assert hop.nodes == (("gw1", 15008), ("10.0.0.2", 15008), ("::1", 15008))
+    assert parseHop("1.2.3.4:8080").scheme == "http"  # gost: no scheme is an HTTP CONNECT hop
+    assert parseHop("socks5://u:p%40ss@h:1080").credentials == ("u", "p@ss")
+    lb = parseHop("hbone://lb.example:443?tls=server&token=@/run/jwt&method=post")
+    assert (lb.option("tls"), lb.option("token"), lb.method) == ("server", "@/run/jwt", "post")
 
 
 def test_parseHop():
@@ -79,8 +105,11 @@ def test_parseHop():
         ("hbone://gw:15008?identity=spiffe://TD/x", "identity="),
         ("hbone://gw:15008?method=get", "expected connect or post"),
         ("hbone://:15008", "missing host"),
-        ("hbone://gw1:1,gw2:2", "groups of nodes"),
-        ("socks5://gw:1080", "not available in this build"),
+        ("hbone://gw:15008?token=eyJhbGciOi", "token= takes @FILE"),
+        ("hbone://gw:15008?tls=none", "expected mtls (default) or server"),
+        ("hbone://u:p@gw:15008", "not user:pass@"),
+        ("hbone://gw:15008?tls=server&identity=spiffe://td/ns/a/*", "identity= needs mutual TLS"),
+        ("hbone://gw1:1,:2", "missing host"),
     ],
 )
 def test_parseHop_errors(text, message):

@@ -1,0 +1,228 @@
+"""``conf/*.ini`` -> :class:`hbone.service.NodeSpec` (validated once, frozen).
+
+Every section and key is checked against an explicit list (tahoe-lafs style): a typo
+stops the start with one line naming the file, the section, the key and what is
+expected. File paths are relative to the config file. The format is documented in
+``docs/config.md``; ``conf/`` has commented examples.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+
+from hbone.urls import HopSpec, ListenerSpec, URLError, parseHop, parseListener
+
+__all__ = ["ConfigError", "loadConfig", "NODE_KEYS", "LISTENER_KEYS", "CHAIN_KEYS"]
+
+#: [node] keys and what each expects.
+NODE_KEYS = {
+    "name": "a short name for proxy-status and logs (letters, digits, - _ .)",
+    "certs": "a directory with cert-chain.pem, key.pem, root-cert.pem",
+    "cert": "a PEM certificate chain file (with key and ca)",
+    "key": "a PEM private key file (with cert and ca)",
+    "ca": "a PEM trust bundle file (with cert and key)",
+    "allow": "destinations past the default policy: host:port, CIDR[:ports] or .suffix, comma or newline separated",
+    "allow_peers": "extra peer identities: spiffe://td/ns/N/sa/S or spiffe://td/ns/N/*, comma or newline separated",
+    "chain": "the [chain:NAME] that listeners without their own chain use",
+    "connect_timeout": "seconds, a number > 0 (default 10)",
+    "idle_timeout": "seconds, a number > 0 (default 3600)",
+}
+#: [listener:NAME] keys.
+LISTENER_KEYS = {
+    "url": "a listener URL, e.g. hbone://0.0.0.0:15008 or tcp://:7000/10.0.0.5:22",
+    "chain": "the [chain:NAME] this listener's tunnels go through, or 'none' to dial directly",
+}
+#: [chain:NAME] keys.
+CHAIN_KEYS = {
+    "hops": "hop URLs in dial order, one per line, e.g. hbone://gw.example:15008?identity=...",
+}
+
+
+class ConfigError(ValueError):
+    """One line: file, section, key, what is wrong and what is expected."""
+
+
+def _list(value: str) -> tuple[str, ...]:
+    """Comma or newline separated; a bare port or port range after a comma continues
+    the entry before it (``10.0.0.0/8:80,443`` is one allow entry)."""
+    items: list[str] = []
+    for line in value.splitlines():
+        for part in line.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if items and re.fullmatch(r"\d{1,5}(-\d{1,5})?", part) and ":" in items[-1]:
+                items[-1] += "," + part
+            else:
+                items.append(part)
+    return tuple(items)
+
+
+def _number(path, section, key, value) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        n = -1
+    if not n > 0:
+        raise ConfigError(f"{path}: [{section}] {key} = {value!r}: expected {NODE_KEYS[key]}")
+    return n
+
+
+def _resolve(base: Path, value: str) -> str:
+    p = Path(os.path.expanduser(value))
+    return str(p if p.is_absolute() else (base / p))
+
+
+def _relativeOptions(base: Path, options, keys=("jwks", "ca")):
+    out = []
+    for k, v in options:
+        if k in keys and v:
+            v = _resolve(base, v)
+        elif k == "token" and v.startswith("@"):
+            v = "@" + _resolve(base, v[1:])
+        out.append((k, v))
+    return tuple(out)
+
+
+def loadConfig(path: str | os.PathLike, identityLoader=None):
+    """Read and validate ``path``; return a NodeSpec.
+
+    :param identityLoader: ``(certs, cert, key, ca) -> Identity`` (tests swap it);
+        the default loads the files with :class:`hbone.tls.Identity`.
+    """
+    from hbone.service import NodeSpec
+
+    path = Path(path)
+    base = path.resolve().parent
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"),
+                                       empty_lines_in_values=False, default_section="\0none")
+    parser.optionxform = str  # keys are case-sensitive: a typo is an error, not a guess
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except configparser.Error as e:
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+
+    node: dict[str, str] = {}
+    listeners: dict[str, dict[str, str]] = {}
+    chains: dict[str, dict[str, str]] = {}
+    for section in parser.sections():
+        kind, _, name = section.partition(":")
+        if section == "node":
+            allowed, target = NODE_KEYS, node
+        elif kind == "listener" and name:
+            allowed, target = LISTENER_KEYS, listeners.setdefault(name, {})
+        elif kind == "chain" and name:
+            allowed, target = CHAIN_KEYS, chains.setdefault(name, {})
+        else:
+            raise ConfigError(f"{path}: unknown section [{section}]; expected [node], "
+                              f"[listener:NAME] or [chain:NAME]")
+        for key, value in parser.items(section):
+            if key not in allowed:
+                raise ConfigError(f"{path}: [{section}] unknown key {key!r}; expected one of "
+                                  f"{', '.join(sorted(allowed))}")
+            target[key] = value.strip()
+
+    def chainOf(section: str, key: str, name: str) -> tuple[HopSpec, ...] | None:
+        if name == "none":
+            return ()
+        if name not in chains:
+            known = ", ".join(sorted(chains)) or "none defined"
+            raise ConfigError(f"{path}: [{section}] {key} = {name}: no [chain:{name}] section ({known})")
+        hopsText = chains[name].get("hops")
+        if not hopsText:
+            raise ConfigError(f"{path}: [chain:{name}] hops: missing; expected {CHAIN_KEYS['hops']}")
+        hops = []
+        for text in hopsText.splitlines():  # one hop per line (a comma is a group)
+            text = text.strip()
+            if not text:
+                continue
+            try:
+                hop = parseHop(text)
+            except URLError as e:
+                raise ConfigError(f"{path}: [chain:{name}] hops: {e}") from None
+            hops.append(replace(hop, options=_relativeOptions(base, hop.options)))
+        return tuple(hops)
+
+    # identity
+    for k in ("cert", "key", "ca"):
+        if k in node and "certs" in node:
+            raise ConfigError(f"{path}: [node] {k}: give either certs or cert/key/ca, not both")
+    if any(k in node for k in ("cert", "key", "ca")) and not all(k in node for k in ("cert", "key", "ca")):
+        missing = [k for k in ("cert", "key", "ca") if k not in node]
+        raise ConfigError(f"{path}: [node] {', '.join(missing)}: missing; cert, key and ca go together")
+    identity = None
+    if "certs" in node or "cert" in node:
+        from hbone.tls import IdentityConfigError
+
+        loader = identityLoader or _loadIdentity
+        try:
+            identity = loader(
+                _resolve(base, node["certs"]) if "certs" in node else None,
+                *(_resolve(base, node[k]) if k in node else None for k in ("cert", "key", "ca")),
+            )
+        except IdentityConfigError as e:
+            key = "certs" if "certs" in node else "cert"
+            raise ConfigError(f"{path}: [node] {key}: {e}") from None
+
+    defaultChain = chainOf("node", "chain", node["chain"]) if "chain" in node else ()
+    specs: list[ListenerSpec] = []
+    for name, values in listeners.items():
+        section = f"listener:{name}"
+        if "url" not in values:
+            raise ConfigError(f"{path}: [{section}] url: missing; expected {LISTENER_KEYS['url']}")
+        try:
+            spec = parseListener(values["url"])
+        except URLError as e:
+            raise ConfigError(f"{path}: [{section}] url: {e}") from None
+        chain = chainOf(section, "chain", values["chain"]) if "chain" in values else None
+        specs.append(replace(spec, options=_relativeOptions(base, spec.options), chain=chain,
+                             text=f"{spec.text} [{section}]"))
+    if not specs:
+        raise ConfigError(f"{path}: no [listener:NAME] section; a node needs at least one listener")
+    name = node.get("name", "hbone")
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise ConfigError(f"{path}: [node] name = {name!r}: expected {NODE_KEYS['name']}")
+    for key in ("allow", "allow_peers"):
+        if key in node:
+            try:
+                _validateList(key, _list(node[key]))
+            except ValueError as e:
+                raise ConfigError(f"{path}: [node] {key}: {e}") from None
+    return NodeSpec(
+        listeners=tuple(specs),
+        hops=defaultChain,
+        identity=identity,
+        allow=_list(node.get("allow", "")),
+        allowPeers=_list(node.get("allow_peers", "")),
+        name=name,
+        connectTimeout=_number(path, "node", "connect_timeout", node["connect_timeout"]) if "connect_timeout" in node else 10.0,
+        idleTimeout=_number(path, "node", "idle_timeout", node["idle_timeout"]) if "idle_timeout" in node else 3600.0,
+    )
+
+
+def _validateList(key: str, items) -> None:
+    if key == "allow":
+        from hbone.policy import parseAllowEntry
+
+        for item in items:
+            parseAllowEntry(item)
+    else:
+        from hbone.identity import IdentityPattern
+
+        for item in items:
+            IdentityPattern.parse(item)
+
+
+def _loadIdentity(certs, cert, key, ca):
+    from hbone.tls import Identity
+
+    if certs:
+        return Identity.fromDirectory(certs)
+    return Identity.fromFiles(cert, key, ca)

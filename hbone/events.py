@@ -1,0 +1,106 @@
+"""One observer fan-out for lifecycle events: logs, metrics and user callbacks all
+subscribe here (never calls scattered through the data path).
+
+Events are small frozen records, emitted once per tunnel or per rejection — never
+per chunk. A failing observer is logged and never breaks a tunnel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from twisted.logger import Logger
+
+__all__ = ["Events", "TunnelOpened", "TunnelClosed", "TunnelRefused", "LogObserver"]
+
+
+@dataclass(frozen=True)
+class TunnelOpened:
+    direction: str  # "inbound" (an HBONE server dialed a target) or "outbound" (a listener opened a tunnel)
+    listener: str
+    peer: str | None  # the SPIFFE ID of the HBONE peer, where there is one
+    source: tuple | None
+    target: str
+    traceparent: str | None
+
+
+@dataclass(frozen=True)
+class TunnelClosed:
+    direction: str
+    listener: str
+    peer: str | None
+    source: tuple | None
+    target: str
+    traceparent: str | None
+    bytesUp: int  # source -> target
+    bytesDown: int  # target -> source
+    duration: float
+    reason: str | None  # None: both directions ended cleanly
+
+
+@dataclass(frozen=True)
+class TunnelRefused:
+    """A tunnel that was not opened: policy denial, bad request, unreachable target."""
+
+    listener: str
+    peer: str | None
+    source: tuple | None
+    target: str | None
+    status: int
+    error: str  # the proxy-status error token (a fixed enum, never peer-controlled)
+    reason: str
+
+
+class Events:
+    """The fan-out. ``subscribe`` returns a function that unsubscribes."""
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        self._observers: list[Callable[[object], None]] = []
+
+    def subscribe(self, observer: Callable[[object], None]) -> Callable[[], None]:
+        self._observers.append(observer)
+
+        def unsubscribe() -> None:
+            if observer in self._observers:
+                self._observers.remove(observer)
+
+        return unsubscribe
+
+    def emit(self, event: object) -> None:
+        for observer in tuple(self._observers):
+            try:
+                observer(event)
+            except Exception:
+                self.log.failure("event observer {observer!r} failed on {event}",
+                                 observer=observer, event=type(event).__name__)
+
+
+def _fmtSource(source) -> str:
+    if not source:
+        return "?"
+    host, port = source[0], source[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+class LogObserver:
+    """The log lines: one per closed tunnel."""
+
+    log = Logger(namespace="hbone")
+
+    def __call__(self, event: object) -> None:
+        if isinstance(event, TunnelClosed):
+            self.log.info(
+                "tunnel {direction} {source} -> {target}{peer} closed{how}: "
+                "{up} bytes up, {down} bytes down, {secs:.1f}s",
+                direction=event.direction,
+                source=_fmtSource(event.source),
+                target=event.target,
+                peer=f" ({event.peer})" if event.peer and event.peer != "None" else "",
+                how=f" ({event.reason})" if event.reason else "",
+                up=event.bytesUp,
+                down=event.bytesDown,
+                secs=event.duration,
+            )
