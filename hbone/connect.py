@@ -71,6 +71,15 @@ def connectMain(argv: list[str]) -> int:
     done = defer.Deferred()
 
     class Stdio(SpliceProtocol):
+        def _checkDone(self):
+            # StandardIO never reports connectionLost once stdin and stdout were
+            # closed one after the other; end it ourselves.
+            if self.readDone and self.writeDone and not self.lost:
+                from twisted.internet.error import ConnectionDone
+                from twisted.python.failure import Failure
+
+                self.transport.connectionLost(Failure(ConnectionDone()))
+
         def connectionLost(self, reason):
             super().connectionLost(reason)
             if not done.called:

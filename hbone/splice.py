@@ -53,7 +53,11 @@ def abortTransport(transport, streamErrorCode: int = ErrorCodes.CONNECT_ERROR) -
             handle.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except Exception:
         pass
-    transport.abortConnection()
+    abort = getattr(transport, "abortConnection", None)
+    if abort is not None:
+        abort()
+    else:  # e.g. StandardIO: no reset to send, only an end
+        transport.loseConnection()
 
 
 @implementer(IPushProducer)
