@@ -141,33 +141,11 @@ def devMain(argv: list[str]) -> int:
 
 def _selftest(reactor, port: int):
     from twisted.internet import defer
-    from twisted.internet.endpoints import TCP4ClientEndpoint
-    from twisted.internet.protocol import Factory, Protocol
-
-    class Get(Protocol):
-        def connectionMade(self):
-            self.chunks = []
-            self.done = defer.Deferred()
-            self.transport.write(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-
-        def dataReceived(self, data):
-            self.chunks.append(data)
-
-        def connectionLost(self, reason):
-            self.done.callback(b"".join(self.chunks))
 
     async def go():
-        try:
-            p = await TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10).connect(Factory.forProtocol(Get))
-            body = await p.done
-        except Exception as e:
-            sys.stderr.write(f"hbone: selftest failed: {e}\n")
-            return 1
-        if b"200 OK" in body and b"reached through an HBONE tunnel" in body:
-            sys.stdout.write("selftest ok: " + body.split(b"\r\n\r\n", 1)[-1].decode().splitlines()[0] + "\n")
-            return 0
-        sys.stderr.write(f"hbone: selftest failed: unexpected answer {body[:200]!r}\n")
-        return 1
+        ok = await _fetch(reactor, port, b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        sys.stdout.write(f"selftest tcp 127.0.0.1:{port}: {'ok' if ok else 'FAILED'}\n")
+        return 0 if ok else 1
 
     return defer.Deferred.fromCoroutine(go())
 

@@ -30,6 +30,8 @@ from twisted.internet.address import IPv4Address as TwistedIPv4Address
 from twisted.internet.address import IPv6Address as TwistedIPv6Address
 from zope.interface import Interface, implementer
 
+from hbone.errors import HBoneError
+
 __all__ = [
     "AllowEntry",
     "DNSFailure",
@@ -61,7 +63,7 @@ DNS_TIMEOUT = 5.0
 # Errors
 
 
-class DialError(Exception):
+class DialError(HBoneError):
     """
     A destination that will not be dialed.
 
