@@ -12,7 +12,7 @@ from typing import Callable
 
 from twisted.logger import Logger
 
-__all__ = ["Events", "TunnelOpened", "TunnelClosed", "TunnelRefused", "LogObserver"]
+__all__ = ["Events", "TunnelOpened", "TunnelClosed", "TunnelRejected", "LogObserver"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class TunnelClosed:
 
 
 @dataclass(frozen=True)
-class TunnelRefused:
+class TunnelRejected:
     """A tunnel that was not opened: policy denial, bad request, unreachable target."""
 
     listener: str

@@ -63,6 +63,8 @@ class _ListenerService(Service):
         self.setName(str(spec))
 
     def listen(self) -> defer.Deferred:
+        if self.port is not None:
+            return defer.succeed(self.port)
         d = self.endpoint.listen(self.factory)
 
         def bound(port):
@@ -93,12 +95,10 @@ class Node(MultiService):
 
     log = Logger()
 
-    def __init__(self, reactor, spec: NodeSpec, bindOnPrivilegedStart: bool = False,
-                 events: Events | None = None) -> None:
+    def __init__(self, reactor, spec: NodeSpec, events: Events | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.spec = spec
-        self.bindOnPrivilegedStart = bindOnPrivilegedStart
         chains = [spec.hops] + [l.chain for l in spec.listeners if l.chain]
         needsIdentity = any(l.scheme == "hbone" for l in spec.listeners) or any(
             h.scheme in ("hbone", "http2", "h2c") for c in chains for h in c
@@ -223,14 +223,25 @@ class Node(MultiService):
 
         return defer.Deferred.fromCoroutine(go())
 
+    def _bindNow(self) -> None:
+        """Bind what is not bound yet; raise :class:`ListenError` if a listener
+        cannot bind (TCP ``listen()`` answers synchronously)."""
+        failures = []
+        self.startListening().addErrback(failures.append)
+        if failures:
+            raise failures[0].value
+
     def privilegedStartService(self) -> None:
-        """Under twistd: bind here, and stop the start if a listener cannot bind."""
-        if self.bindOnPrivilegedStart:
-            failures = []
-            self.startListening().addErrback(failures.append)
-            if failures:  # TCP listen() answers synchronously
-                raise failures[0].value
+        """Under twistd: bind here (before privileges are dropped), and stop the
+        start if a listener cannot bind."""
+        self._bindNow()
         super().privilegedStartService()
+
+    def startService(self) -> None:
+        """Binds any listener not bound yet (a node added to a running parent), then
+        starts; ``await startListening()`` first to handle a bind error yourself."""
+        self._bindNow()
+        super().startService()
 
     def boundPorts(self) -> dict[str, int]:
         return {str(s.spec): s.port.getHost().port for s in self.listeners if s.port is not None}

@@ -100,6 +100,6 @@ def makeService(options: Options):
     from hbone.service import Node, NodeConfigError
 
     try:
-        return Node(reactor, options["spec"], bindOnPrivilegedStart=True)
+        return Node(reactor, options["spec"])
     except NodeConfigError as e:
         raise usage.UsageError(str(e)) from None

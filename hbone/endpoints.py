@@ -1,0 +1,198 @@
+"""The ``hbone:`` client endpoint string (``clientFromString(reactor, "hbone:...")``).
+
+    hbone:host=127.0.0.1:port=15008:target=127.0.0.1\\:9000:certs=/etc/hbone/client
+         :identity=spiffe\\://cluster.local/ns/default/sa/server
+
+Fields (all ``key=value``; ``:`` separates fields, so a ``:`` inside a value is
+written ``\\:`` and a backslash ``\\\\``, as ``quoteStringArgument`` writes them):
+
+``host``      the HBONE peer (IP or DNS name; an IPv6 address as ``[\\:\\:1]``)
+``port``      its port (default 15008)
+``target``    where the tunnel goes, ``HOST\\:PORT`` (``[v6]\\:PORT`` for IPv6)
+``certs``     our identity: a directory with cert-chain.pem, key.pem, root-cert.pem;
+              or ``cert``, ``key`` and ``ca`` naming the three files
+``identity``  the SPIFFE ID (or ``spiffe://td/ns/N/*``) the peer must present; a
+              comma separates several; without it any SVID of our trust domain is
+              accepted and logged
+``method``    ``connect`` (default) or ``post`` (the ``POST /_hbone/`` form)
+
+Endpoints parsed for the same reactor and the same identity files share one
+:class:`hbone.h2.client.Pool`, so their tunnels to one peer ride one mTLS HTTP/2
+connection. The pools close when the reactor shuts down, or with
+:func:`closeEndpointPools`.
+
+The plugin object lives in ``twisted/plugins/hbone_endpoints.py``. This module is
+imported whenever a program asks ``clientFromString`` for a prefix Twisted does not
+know, so it imports nothing heavy until an ``hbone:`` string is parsed.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.interfaces import IStreamClientEndpointStringParserWithReactor
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+__all__ = ["EndpointStringError", "HBoneClientParser", "closeEndpointPools", "EXAMPLE"]
+
+#: A complete string, as a user types it in Python source (``r"..."``).
+EXAMPLE = (
+    r"hbone:host=127.0.0.1:port=15008:target=127.0.0.1\:9000:certs=./client"
+    r":identity=spiffe\://cluster.local/ns/default/sa/server"
+)
+
+FIELDS = ("host", "port", "target", "certs", "cert", "key", "ca", "identity", "method")
+
+
+class EndpointStringError(ValueError):
+    """An ``hbone:`` endpoint string that cannot be used; the message names the field."""
+
+
+def _fail(message: str) -> EndpointStringError:
+    return EndpointStringError(f"hbone: endpoint string: {message} (e.g. {EXAMPLE})")
+
+
+# reactor -> {identity files: (Identity, Pool)}, until closeEndpointPools or shutdown
+_pools: dict[object, dict[tuple, tuple]] = {}
+# reactor -> the "before shutdown" trigger that closes its pools
+_triggers: dict[object, object] = {}
+
+
+def _identityKey(certs, cert, key, ca) -> tuple:
+    if certs is not None:
+        if cert is not None or key is not None or ca is not None:
+            raise _fail("give certs= or cert=, key= and ca=, not both")
+        return ("certs", os.path.realpath(certs))
+    given = {"cert": cert, "key": key, "ca": ca}
+    if not any(v is not None for v in given.values()):
+        raise _fail("no identity: add certs=DIR (cert-chain.pem, key.pem, root-cert.pem) "
+                    "or cert=FILE:key=FILE:ca=FILE")
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+        raise _fail(f"{'= and '.join(missing)}= missing: cert=, key= and ca= go together")
+    return ("files", os.path.realpath(cert), os.path.realpath(key), os.path.realpath(ca))
+
+
+def _sharedPool(reactor, identityKey: tuple):
+    """The pool for ``reactor`` and these identity files, made (and the files read) once."""
+    from hbone.h2.client import Pool
+    from hbone.tls import Identity, IdentityConfigError
+
+    entry = _pools.get(reactor, {}).get(identityKey)
+    if entry is None:
+        try:
+            if identityKey[0] == "certs":
+                identity = Identity.fromDirectory(identityKey[1])
+            else:
+                identity = Identity.fromFiles(*identityKey[1:])
+        except IdentityConfigError as e:
+            field = "certs=" if identityKey[0] == "certs" else "cert=/key=/ca="
+            raise _fail(f"{field}: {e}") from None
+        if reactor not in _pools:
+            _pools[reactor] = {}
+            _triggers[reactor] = reactor.addSystemEventTrigger("before", "shutdown", _closeAtShutdown, reactor)
+        entry = _pools[reactor][identityKey] = (identity, Pool(reactor, identity))
+    return entry[1]
+
+
+def closeEndpointPools(reactor):
+    """Close the pools that ``hbone:`` endpoints of ``reactor`` share (their tunnels
+    end). Endpoints parsed before cannot connect afterwards; parse new ones.
+
+    :return: a Deferred that fires when every connection has closed.
+    """
+    trigger = _triggers.pop(reactor, None)
+    if trigger is not None:
+        reactor.removeSystemEventTrigger(trigger)
+    return _close(reactor)
+
+
+def _closeAtShutdown(reactor):
+    _triggers.pop(reactor, None)
+    return _close(reactor)
+
+
+def _close(reactor):
+    from twisted.internet import defer
+
+    perReactor = _pools.pop(reactor, None) or {}
+    return defer.DeferredList([pool.closeAll() for _, pool in perReactor.values()])
+
+
+def _hostOf(value: str, port: int) -> str:
+    from hbone.address import AddressError, parseAuthority
+
+    bare = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    authority = f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
+    try:
+        return parseAuthority(authority).host
+    except AddressError as e:
+        raise _fail(f"host={value!r}: {e}") from None
+
+
+def _portOf(value) -> int:
+    value = str(value)
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise _fail(f"port={value!r}: expected a port number 1-65535")
+    return int(value)
+
+
+def _targetOf(value: str | None):
+    from hbone.address import AddressError, parseAuthority
+
+    if not value:
+        raise _fail(r"target= missing: where the tunnel goes, written HOST\:PORT")
+    try:
+        return parseAuthority(value)
+    except AddressError as e:
+        raise _fail(rf"target={value!r}: {e} (write HOST\:PORT, or [v6]\:PORT)") from None
+
+
+def _identitiesOf(value: str | None):
+    if value is None:
+        return None
+    from hbone.identity import IdentityPattern, SpiffeIdError
+
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if not parts:
+        raise _fail("identity= is empty")
+    try:
+        return tuple(IdentityPattern.parse(p) for p in parts)
+    except SpiffeIdError as e:
+        raise _fail(rf"identity={value!r}: {e} (write spiffe\://td/ns/N/sa/S or spiffe\://td/ns/N/*)") from None
+
+
+def parseClient(reactor, *args: str, **kwargs: str):
+    """``clientFromString``'s fields -> an :class:`hbone.h2.client.HBoneClientEndpoint`."""
+    if args:
+        raise _fail(rf"stray field {args[0]!r}: every field is key=value, and a ':' inside a "
+                    rf"value is written '\:' (target=127.0.0.1\:9000)")
+    unknown = sorted(set(kwargs) - set(FIELDS))
+    if unknown:
+        raise _fail(f"unknown field {unknown[0]}=; the fields are {', '.join(FIELDS)}")
+    if not kwargs.get("host"):
+        raise _fail("host= missing: the HBONE peer's address")
+    port = _portOf(kwargs.get("port", "15008"))
+    host = _hostOf(kwargs["host"], port)
+    target = _targetOf(kwargs.get("target"))
+    identities = _identitiesOf(kwargs.get("identity"))
+    method = kwargs.get("method", "connect").lower()
+    if method not in ("connect", "post"):
+        raise _fail(f"method={kwargs['method']!r}: expected connect or post")
+    key = _identityKey(kwargs.get("certs"), kwargs.get("cert"), kwargs.get("key"), kwargs.get("ca"))
+
+    from hbone.h2.client import HBoneClientEndpoint, HBoneHop
+
+    pool = _sharedPool(reactor, key)
+    return HBoneClientEndpoint(pool, HBoneHop(host, port, identities, method), target)
+
+
+@implementer(IPlugin, IStreamClientEndpointStringParserWithReactor)
+class HBoneClientParser:
+    """The ``hbone:`` prefix for :func:`twisted.internet.endpoints.clientFromString`."""
+
+    prefix = "hbone"
+
+    def parseStreamClient(self, reactor, *args, **kwargs):
+        return parseClient(reactor, *args, **kwargs)
