@@ -1,13 +1,14 @@
 """A development certificate authority: SPIFFE roots and workload X509-SVIDs.
 
-This backs C{hbone certs init|issue} and C{make run}'s self-provisioned identities,
+This backs C{hbone certs init|issue|jwt|jwks} and C{make run}'s self-provisioned identities,
 and lets tests mint every certificate of SECURITY.md S23 (expired, not yet valid,
 C{cA=true}, two URI SANs, ...). It is not a production CA: keys are written
 unencrypted (mode 0600) and nothing is revoked.
 
 Files use Istio's names, so a directory made here works as C{--certs DIR}:
 C{cert-chain.pem} (the leaf), C{key.pem} (its PKCS#8 key) and C{root-cert.pem}
-(the trust bundle). A CA directory holds C{ca-cert.pem} and C{ca-key.pem}.
+(the trust bundle). A CA directory holds C{ca-cert.pem} and C{ca-key.pem}, and C{jwt-key.pem}
+(the JWT-SVID signing key) once C{hbone certs jwt} or C{jwks} has run.
 
 All keys are ECDSA P-256; certificates are signed with SHA-256.
 """
@@ -64,6 +65,7 @@ ROOT_CERT_FILE = "root-cert.pem"
 # minutes behind still accepts a freshly minted one.
 CLOCK_SKEW = timedelta(minutes=5)
 MAX_DAYS = 36500
+MAX_JWT_TTL = 30 * 86400
 
 _DNS_NAME_RE = re.compile(
     r"(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
@@ -666,7 +668,7 @@ def checkKeyFilePermissions(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-# The command line: hbone certs init|issue
+# The command line: hbone certs init|issue|jwt|jwks
 
 
 class _UsageError(Exception):
@@ -711,15 +713,18 @@ def _buildParser() -> _CertsArgumentParser:
     parser = _CertsArgumentParser(
         prog="hbone certs",
         description=(
-            "A development certificate authority for hbone: a SPIFFE root (init) and\n"
-            "workload X509-SVIDs (issue) in Istio's file layout. Not for production:\n"
-            "keys are written unencrypted (mode 0600)."
+            "A development certificate authority for hbone: a SPIFFE root (init),\n"
+            "workload X509-SVIDs (issue) in Istio's file layout, and JWT-SVIDs (jwt)\n"
+            "with the JWKS that verifies them (jwks). Not for production: keys are\n"
+            "written unencrypted (mode 0600)."
         ),
         epilog=(
             "example:\n"
             "  hbone certs init ./ca --trust-domain cluster.local\n"
             "  hbone certs issue ./ca --spiffe spiffe://cluster.local/ns/default/sa/web --out ./web\n"
             "  hbone --certs ./web -L hbone://:15008\n"
+            "  hbone certs jwt ./ca --spiffe spiffe://cluster.local/ns/default/sa/web \\\n"
+            "      --audience https://lb.example --out ./web/jwt --jwks ./jwks.json\n"
         ),
         formatter_class=formatter,
     )
@@ -805,7 +810,124 @@ def _buildParser() -> _CertsArgumentParser:
         metavar="N",
         help="validity in days, capped at the CA's own expiry (default 90; e.g. --days 30)",
     )
+    _addJWTCommands(commands, formatter)
     return parser
+
+
+def _ttlArgument(text: str) -> int:
+    try:
+        ttl = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+    if not 1 <= ttl <= MAX_JWT_TTL:
+        raise argparse.ArgumentTypeError(f"{ttl} is out of range (1 to {MAX_JWT_TTL} seconds)")
+    return ttl
+
+
+def _addJWTCommands(commands, formatter) -> None:
+    jwtCommand = commands.add_parser(
+        "jwt",
+        help="mint a JWT-SVID (bearer token for h2c listeners and tls=server hops)",
+        description=(
+            "Mint a JWT-SVID for --spiffe with audience --audience, signed by the JWT\n"
+            "signing key kept in CADIR (jwt-key.pem, ES256; created on first use), and\n"
+            "write it to --out (mode 0600). Clients send it with ?token=@FILE; an h2c\n"
+            "listener verifies it against the JWKS that 'hbone certs jwks' writes.\n"
+            "The default audience of an h2c listener is https://<:authority host>."
+        ),
+        epilog=(
+            "example:\n"
+            "  hbone certs jwt ./ca --spiffe spiffe://cluster.local/ns/default/sa/web \\\n"
+            "      --audience https://lb.example --ttl 3600 --out ./web/jwt --jwks ./jwks.json\n"
+            "  hbone -L http://:8080 -F 'hbone://lb.example:443?tls=server&token=@./web/jwt'\n"
+        ),
+        formatter_class=formatter,
+    )
+    jwtCommand.add_argument("ca_directory", metavar="CADIR", help="directory made by 'hbone certs init' (e.g. ./ca)")
+    jwtCommand.add_argument(
+        "--spiffe",
+        required=True,
+        metavar="ID",
+        help="the token's sub, in the CA's trust domain (e.g. --spiffe spiffe://cluster.local/ns/default/sa/web)",
+    )
+    jwtCommand.add_argument(
+        "--audience",
+        required=True,
+        action="append",
+        metavar="AUD",
+        help="the token's aud; repeatable (e.g. --audience https://lb.example)",
+    )
+    jwtCommand.add_argument(
+        "--ttl",
+        type=_ttlArgument,
+        default=3600,
+        metavar="SECONDS",
+        help=f"lifetime in seconds (default 3600, at most {MAX_JWT_TTL}; e.g. --ttl 600)",
+    )
+    jwtCommand.add_argument(
+        "--out", required=True, metavar="FILE", help="token file, replaced if it exists (e.g. --out ./web/jwt)"
+    )
+    jwtCommand.add_argument(
+        "--jwks",
+        metavar="FILE",
+        help="also write the JWKS that verifies it, as 'hbone certs jwks' does (e.g. --jwks ./jwks.json)",
+    )
+
+    jwks = commands.add_parser(
+        "jwks",
+        help="write the JWKS an h2c listener verifies JWT-SVIDs against",
+        description=(
+            "Write the public JWT signing key of CADIR (created on first use) as a JWKS\n"
+            'per trust domain, {"<trust-domain>": {"keys": [...]}}, for an h2c listener\n'
+            "(-L 'h2c://:15009?jwks=FILE&audience=AUD')."
+        ),
+        epilog=(
+            "example:\n"
+            "  hbone certs jwks ./ca --out ./jwks.json\n"
+            "  hbone -L 'h2c://:15009?jwks=./jwks.json&audience=https://lb.example'\n"
+        ),
+        formatter_class=formatter,
+    )
+    jwks.add_argument("ca_directory", metavar="CADIR", help="directory made by 'hbone certs init' (e.g. ./ca)")
+    jwks.add_argument(
+        "--out", required=True, metavar="FILE", help="JWKS file, replaced if it exists (e.g. --out ./jwks.json)"
+    )
+
+
+def _writeJWKS(caDirectory: str, out: str) -> Path:
+    import json
+
+    from hbone.jwt import jwksDocument, loadSigningKey
+
+    key, kid, trustDomain = loadSigningKey(caDirectory)
+    path = Path(out)
+    document = jwksDocument({trustDomain: [(kid, key.public_key())]})
+    _writeFile(path, (json.dumps(document, indent=2) + "\n").encode("ascii"), 0o644)
+    print(f"wrote {path} (JWKS of spiffe://{trustDomain}, kid {kid})")
+    return path
+
+
+def _runJWT(options: argparse.Namespace) -> None:
+    from hbone.jwt import loadSigningKey, mintJWTSVID
+
+    key, kid, trustDomain = loadSigningKey(options.ca_directory)
+    spiffeId = SpiffeId.parse(options.spiffe)
+    if spiffeId.trustDomain != trustDomain:
+        raise CAError(
+            f"--spiffe {options.spiffe}: the CA in {options.ca_directory} signs for "
+            f"spiffe://{trustDomain}, not {spiffeId.trustDomain}"
+        )
+    for audience in options.audience:
+        if not audience or any(c.isspace() for c in audience):
+            raise CAError(f"--audience {audience!r}: expected a non-empty value without spaces")
+    now = datetime.now(timezone.utc)
+    token = mintJWTSVID(key, kid, spiffeId, options.audience, options.ttl, now=now.timestamp())
+    path = Path(options.out)
+    _writeFile(path, token.encode("ascii") + b"\n", 0o600)
+    until = _isoTime(now + timedelta(seconds=options.ttl))
+    print(f"wrote {path} (JWT-SVID for {spiffeId}, aud {', '.join(options.audience)}, valid until {until}, mode 0600)")
+    if options.jwks:
+        _writeJWKS(options.ca_directory, options.jwks)
 
 
 def _runInit(options: argparse.Namespace) -> None:
@@ -849,6 +971,10 @@ def certsMain(argv: list[str]) -> int:
         options = parser.parse_args(argv)
         if options.command == "init":
             _runInit(options)
+        elif options.command == "jwt":
+            _runJWT(options)
+        elif options.command == "jwks":
+            _writeJWKS(options.ca_directory, options.out)
         else:
             _runIssue(options)
     except _HelpShown as e:

@@ -76,7 +76,13 @@ class ChainDialer:
             raise ValueError("a chain needs at least one hop")
         needsPool = any(h.scheme in ("hbone", "h2c", "http2") for h in hops)
         if needsPool and pool is None:
-            raise ValueError("hbone, h2c and http2 hops need a pool (an identity)")
+            raise ValueError("hbone, h2c and http2 hops need a pool")
+        for hop in hops:  # an option that does not fit the hop's mode fails now, not at dial time
+            if hop.scheme in ("hbone", "h2c", "http2"):
+                try:
+                    hboneHopOf(hop, hop.host, hop.port)
+                except ValueError as e:
+                    raise ValueError(f"-F {hop}: {e}") from None
         self.reactor = reactor
         self.hops = tuple(hops)
         self.pool = pool

@@ -59,12 +59,15 @@ def connectMain(argv: list[str]) -> int:
     from hbone.proxy.tcp import spliceThrough
     from hbone.splice import SpliceProtocol, TunnelTracker
 
-    if any(h.scheme in ("hbone", "h2c", "http2") for h in hops) and identity is None:
-        return _fail("an hbone hop needs an identity: --certs DIR or --cert/--key/--ca")
+    if any(h.scheme == "hbone" and h.option("tls", "mtls") == "mtls" for h in hops) and identity is None:
+        return _fail("a mutual-TLS hbone hop needs an identity: --certs DIR or --cert/--key/--ca")
     _startLogging(options.verbose, not options.verbose)
-    pool = Pool(reactor, identity) if identity is not None else None
+    pool = Pool(reactor, identity)
     if hops:
-        dialer = ChainDialer(reactor, hops, pool, options.connect_timeout)
+        try:
+            dialer = ChainDialer(reactor, hops, pool, options.connect_timeout)
+        except ValueError as e:
+            return _fail(str(e))
     else:
         dialer = DirectDialer(reactor, DestinationPolicy(), ReactorResolver(reactor), options.connect_timeout)
     status = {"code": 0}
@@ -107,7 +110,7 @@ def connectMain(argv: list[str]) -> int:
         d.addErrback(failed)
 
         def finish(_):
-            closing = pool.closeAll() if pool is not None else defer.succeed(None)
+            closing = pool.closeAll()
             closing.addBoth(lambda _: reactor.stop())
 
         done.addCallback(finish)

@@ -101,12 +101,18 @@ class Node(MultiService):
         self.spec = spec
         chains = [spec.hops] + [l.chain for l in spec.listeners if l.chain]
         needsIdentity = any(l.scheme == "hbone" for l in spec.listeners) or any(
-            h.scheme in ("hbone", "http2", "h2c") for c in chains for h in c
+            h.scheme == "hbone" and h.option("tls", "mtls") == "mtls" for c in chains for h in c
         )
         if needsIdentity and spec.identity is None:
             raise NodeConfigError(
-                "an hbone listener or hop needs an identity: --certs DIR "
+                "an hbone listener or a mutual-TLS hbone hop needs an identity: --certs DIR "
                 "(cert-chain.pem, key.pem, root-cert.pem) or --cert/--key/--ca"
+            )
+        if spec.identity is None and any(l.scheme == "h2c" and l.option("insecure") not in ("1", "true", "yes")
+                                         for l in spec.listeners) and not spec.allowPeers:
+            raise NodeConfigError(
+                "an h2c listener decides who may connect by identity: give --certs (peers of our "
+                "trust domain and namespace are allowed) or --allow-peer spiffe://td/ns/N/*"
             )
         self.identity = spec.identity
         try:
@@ -116,18 +122,15 @@ class Node(MultiService):
         self.policy = DestinationPolicy(allow)
         try:
             self.authorizer = (
-                PeerAuthorizer(self.identity.localId, spec.allowPeers) if self.identity is not None else None
+                PeerAuthorizer(self.identity.localId if self.identity is not None else None, spec.allowPeers)
+                if self.identity is not None or spec.allowPeers else None
             )
         except ValueError as e:
             raise NodeConfigError(f"--allow-peer: {e}") from None
         self.events = events if events is not None else Events()
         self.events.subscribe(LogObserver())
         self.tracker = TunnelTracker(reactor, spec.idleTimeout, events=self.events)
-        self.pool = (
-            Pool(reactor, self.identity, spec.settings, spec.connectTimeout, spec.name)
-            if self.identity is not None
-            else None
-        )
+        self.pool = Pool(reactor, self.identity, spec.settings, spec.connectTimeout, spec.name)
         self._dialers: dict = {}
         self.dialer = self._dialerFor(spec.hops)
         self.listeners: list[_ListenerService] = []
@@ -192,7 +195,10 @@ class Node(MultiService):
         jwks = spec.option("jwks")
         insecure = spec.option("insecure") in ("1", "true", "yes")
         try:
-            verifier = JWKSVerifier(jwks, spec.option("audience"), self.reactor) if jwks else None
+            verifier = JWKSVerifier(
+                jwks, spec.option("audience"), self.reactor,
+                trustDomain=self.identity.trustDomain if self.identity is not None else None,
+            ) if jwks else None
             checkH2cSafety(spec.host, verifier, insecure)
         except (ValueError, OSError) as e:
             raise NodeConfigError(f"-L {spec}: {e}") from None

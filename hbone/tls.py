@@ -39,7 +39,10 @@ __all__ = [
     "ALPN_H2R",
     "Identity",
     "IdentityConfigError",
+    "ServerAuthClientCreator",
+    "ServerName",
     "VerifyState",
+    "serverAuthClientContext",
     "verifyStateOf",
 ]
 
@@ -78,6 +81,8 @@ class VerifyState:
     anchorDomains: frozenset[str] = frozenset()
     chainDepth: int = -1
     role: str = ""
+    #: server-auth (non-SPIFFE) connections: the DNS name or IP the server must match
+    expectedName: str | None = None
 
 
 def verifyStateOf(tlsConnection: SSL.Connection) -> VerifyState | None:
@@ -390,3 +395,123 @@ def negotiatedProtocol(tlsTransport) -> bytes | None:
         return tlsTransport.getHandle().get_alpn_proto_negotiated() or None
     except Exception:
         return None
+
+
+# -- server-auth TLS toward non-mesh peers (PROTOCOL §2, §10) ----------------------
+
+
+def _isIPAddress(name: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class ServerName:
+    """The verified name of a server-auth TLS peer (a load balancer, nghttpx, gost):
+    a DNS name or IP address its certificate matched, not a SPIFFE identity. It
+    takes the place of the peer SPIFFE ID on such connections."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"{'ip' if _isIPAddress(self.name) else 'dns'}:{self.name}"
+
+
+def _serverAuthVerify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+    from service_identity import CertificateError, VerificationError
+    from service_identity.cryptography import (
+        verify_certificate_hostname,
+        verify_certificate_ip_address,
+    )
+
+    state = verifyStateOf(conn)
+    if state is None or state.expectedName is None:  # pragma: no cover - defensive
+        return False
+    if not ok:
+        if state.reason is None:
+            state.reason = _verifyErrorText(errno)
+            state.certificate = describeCertificate(cert.to_cryptography())
+        return False
+    if depth != 0:
+        return True
+    leaf = cert.to_cryptography()
+    state.certificate = describeCertificate(leaf)
+    name = state.expectedName
+    try:
+        if _isIPAddress(name):
+            verify_certificate_ip_address(leaf, name)
+        else:
+            verify_certificate_hostname(leaf, name)
+    except (VerificationError, CertificateError) as e:
+        state.reason = f"the server certificate is not valid for {name}: {e}"
+        return False
+    state.peerId = ServerName(name)
+    return True
+
+
+def serverAuthClientContext(caFile: str | os.PathLike | None = None, identity: "Identity | None" = None,
+                            alpn: bytes = ALPN_H2, allowTLS12: bool = False) -> SSL.Context:
+    """A client context for ordinary server-auth TLS (``tls=server`` and ``http2://``
+    hops): the chain must validate against ``caFile`` (PEM) or, without one, the
+    system's trust store; the name check is per connection
+    (:class:`ServerAuthClientCreator`). With ``identity``, its SVID is presented
+    when the server asks for a client certificate (TLS 1.3 sends it encrypted, and
+    only on request). TLS 1.3 only unless ``allowTLS12``; no session resumption."""
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION if allowTLS12 else SSL.TLS1_3_VERSION)
+    ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
+    if allowTLS12:
+        ctx.set_cipher_list(b"ECDHE+AESGCM:ECDHE+CHACHA20")
+    ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    if caFile is not None:
+        path = Path(caFile)
+        certs = _loadPEMCertificates(path)  # a clear error for a missing or empty file
+        store = ctx.get_cert_store()
+        for cert in certs:
+            store.add_cert(crypto.X509.from_cryptography(cert))
+    else:
+        ctx.set_default_verify_paths()
+    if identity is not None:
+        ctx.use_certificate(identity.chain[0])
+        for extra in identity.chain[1:]:
+            ctx.add_extra_chain_cert(extra)
+        ctx.use_privatekey(identity._key)
+        ctx.check_privatekey()
+    ctx.set_verify(SSL.VERIFY_PEER, _serverAuthVerify)
+    ctx.set_alpn_protos([alpn])
+    return ctx
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ServerAuthClientCreator:
+    """Server-auth TLS client connections to ``serverName`` (a DNS name, checked
+    against the certificate's DNS SANs, or an IP address, checked against its IP
+    SANs, by ``service_identity``). A DNS name is sent as SNI; an IP is not (RFC
+    6066 §3). No SPIFFE check: this is for load balancers and ``http2://`` proxies,
+    and is weaker than a SPIFFE identity (SECURITY §4.2)."""
+
+    def __init__(self, serverName: str, caFile: str | os.PathLike | None = None,
+                 identity: "Identity | None" = None, alpn: bytes = ALPN_H2,
+                 allowTLS12: bool = False) -> None:
+        name = serverName.strip("[]")
+        if not name:
+            raise IdentityConfigError("server-auth TLS needs a server name")
+        self.serverName = name if _isIPAddress(name) else name.lower().rstrip(".")
+        self.context = serverAuthClientContext(caFile, identity, alpn, allowTLS12)
+
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        conn = SSL.Connection(self.context, None)
+        state = VerifyState(role="client", expectedName=self.serverName)
+        conn.set_app_data(state)
+        if tlsProtocol is not None:
+            tlsProtocol.hboneVerifyState = state
+        if not _isIPAddress(self.serverName):
+            conn.set_tlsext_host_name(self.serverName.encode("idna"))
+        conn.set_connect_state()
+        return conn

@@ -394,8 +394,6 @@ class EndpointStringTunnels(unittest.TestCase):
 
         return defer.Deferred.fromCoroutine(go())
 
-    @pytest.mark.xfail(strict=True, reason="nothing emits TunnelRefused events yet (issue 3: policy "
-                       "denial and handshake failure events); drop this mark once the server does")
     def test_refusedTargetIsAnEvent(self):
         async def go():
             node = await self.serve()

@@ -1,7 +1,8 @@
 """The HBONE client: a connection pool and the ``hbone`` client endpoint.
 
-:class:`Pool` keeps outbound mTLS HTTP/2 connections keyed by (local SPIFFE ID,
-expected peer identities, peer address) (PROTOCOL §3 "Pooling"):
+:class:`Pool` keeps outbound HTTP/2 connections keyed by (local SPIFFE ID, TLS mode,
+expected peer identities, peer address, and for token-carrying hops the server
+name, CA file and token file) (PROTOCOL §3 "Pooling"):
 
 * up to min(peer MAX_CONCURRENT_STREAMS, 100) streams on one connection;
 * one connection attempt in flight per key, others wait for it (ztunnel#931);
@@ -9,6 +10,19 @@ expected peer identities, peer address) (PROTOCOL §3 "Pooling"):
 * a connection is usable only after the server's first SETTINGS;
 * a connection leaves the pool on GOAWAY (its live tunnels finish), on a missed
   PING ACK, on a transport error, or after 5 minutes without streams.
+
+A hop's ``tls`` mode says how its connections are secured:
+
+* ``"mtls"``: SPIFFE mutual TLS, the server's SVID checked against the hop's
+  identities (15008; the default);
+* ``"server"``: ordinary server-auth TLS, the certificate checked against a CA
+  bundle and the hop's DNS name or IP (a load balancer that terminates TLS, or a
+  gost/nghttpx ``http2://`` proxy); our SVID is presented if the server asks;
+* ``"none"``: cleartext HTTP/2 with prior knowledge (an ``h2c`` hop).
+
+Requests on a hop with a ``token`` file carry ``authorization: Bearer <JWT-SVID>``
+(the file is read for each tunnel, so a rotated token is picked up); a hop with
+``basicAuth`` carries ``proxy-authorization: Basic`` (gost).
 
 :class:`HBoneClientEndpoint` is an ``IStreamClientEndpoint``: ``connect(factory)``
 opens one CONNECT (or POST form) stream and, on ``200``, runs ``factory``'s protocol
@@ -18,6 +32,8 @@ retried once on another connection.
 
 from __future__ import annotations
 
+import base64
+import re
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -33,20 +49,38 @@ from hbone.dialer import TunnelRequest, connectErrorOf
 from hbone.errors import HopUnreachable, ResponseTimeout
 from hbone.h2.connection import ConnectionSettings, HBoneH2Factory, RefusedStream
 
-__all__ = ["HBoneHop", "Pool", "HBoneClientEndpoint"]
+__all__ = ["HBoneHop", "Pool", "HBoneClientEndpoint", "TokenFileError", "readToken", "TLS_MODES"]
+
+_TOKEN_RE = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+
+
+TLS_MODES = ("mtls", "server", "none")
+METHODS = ("connect", "post")
 
 
 @dataclass(frozen=True)
 class HBoneHop:
-    """An HBONE peer: its address, the identities it may present, and the form.
+    """An HBONE peer: its address, how it is secured and authenticated, the form.
 
-    :param identities: IdentityPattern objects; None means "any SVID of our own
-        trust domain" (SECURITY §4.2), logged once per connection.
+    :param identities: IdentityPattern objects (``tls="mtls"`` only); None means
+        "any SVID of our own trust domain" (SECURITY §4.2), logged once per
+        connection.
     :param method: ``"connect"`` or ``"post"`` (the ``/_hbone/`` form).
     :param via: how to reach ``host:port``: ``via(host, port)`` returns an
         ``IStreamClientEndpoint`` (the previous hop of a chain). None: TCP. A
         connection made through ``via`` is never pooled: it carries one tunnel and
         closes with it (double HBONE, ztunnel#1429).
+    :param tls: ``"mtls"`` (SPIFFE mTLS), ``"server"`` (server-auth TLS, DNS-name or
+        IP check, ALPN h2) or ``"none"`` (cleartext h2c, prior knowledge).
+    :param token: path of a file holding a JWT-SVID, sent as ``authorization:
+        Bearer`` on every request (``tls="server"`` or ``"none"``).
+    :param serverName: ``tls="server"``: the name the certificate must match and
+        the SNI sent (default: ``host``); also the POST form's ``:authority``.
+    :param caFile: ``tls="server"``: PEM CA bundle (default: the system's).
+    :param basicAuth: ``(user, password)`` sent as ``proxy-authorization: Basic``
+        (gost ``http2://``); never shown in ``repr``.
+
+    :raises ValueError: for an option that does not apply to the mode.
     """
 
     host: str
@@ -54,10 +88,72 @@ class HBoneHop:
     identities: tuple | None = None
     method: str = "connect"
     via: object | None = field(default=None, compare=False, hash=False)
+    tls: str = "mtls"
+    token: str | None = None
+    serverName: str | None = None
+    caFile: str | None = None
+    basicAuth: tuple[str, str] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.tls not in TLS_MODES:
+            raise ValueError(f"tls={self.tls!r}: expected one of {', '.join(TLS_MODES)}")
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: expected connect or post")
+        if self.tls != "mtls" and self.identities is not None:
+            raise ValueError(
+                f"identity= checks a SPIFFE certificate and applies to tls=mtls hops only, "
+                f"not tls={self.tls} (a tls=server hop checks the DNS name or IP instead)"
+            )
+        if self.tls == "mtls":
+            for name, value in (("token", self.token), ("basicAuth", self.basicAuth)):
+                if value is not None:
+                    raise ValueError(
+                        f"{name} is for load balancers and proxies (tls=server or h2c), not a "
+                        "mesh peer on 15008, which ignores it"
+                    )
+        if self.tls != "server":
+            for name, value in (("serverName", self.serverName), ("caFile", self.caFile)):
+                if value is not None:
+                    raise ValueError(f"{name} applies to tls=server hops only, not tls={self.tls}")
+        if self.token is not None and not self.token:
+            raise ValueError("token: expected a file path (token=@FILE)")
+        if self.basicAuth is not None and (len(self.basicAuth) != 2 or ":" in self.basicAuth[0]):
+            raise ValueError("basicAuth: expected (user, password), with no ':' in the user")
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.tls == "none":
+            return f"h2c://{host}:{self.port}"
+        if self.tls == "server":
+            return f"hbone://{host}:{self.port}?tls=server"
         return f"hbone://{host}:{self.port}"
+
+    @property
+    def serverAuthName(self) -> str:
+        """The name a ``tls="server"`` hop's certificate must match."""
+        return self.serverName or self.host
+
+
+class TokenFileError(HopUnreachable):
+    """A hop's token file cannot be read or holds no token (the message names the
+    file, never its content)."""
+
+
+def readToken(path: str) -> bytes:
+    """The JWT-SVID in ``path`` (surrounding whitespace stripped).
+
+    :raises TokenFileError: unreadable, empty, too long, or not a compact JWS."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(16385)
+    except OSError as e:
+        raise TokenFileError(f"cannot read token file {path}: {e.strerror}") from None
+    token = data.strip()
+    if not token:
+        raise TokenFileError(f"token file {path} is empty")
+    if len(token) > 16384 or not _TOKEN_RE.fullmatch(token):
+        raise TokenFileError(f"token file {path} does not hold a JWT (header.payload.signature)")
+    return token
 
 
 class _Entry:
@@ -75,8 +171,10 @@ class Pool:
 
     log = Logger()
 
-    def __init__(self, reactor, identity, settings: ConnectionSettings = ConnectionSettings(),
+    def __init__(self, reactor, identity=None, settings: ConnectionSettings = ConnectionSettings(),
                  connectTimeout: float = 10.0, name: str = "hbone") -> None:
+        """:param identity: our :class:`hbone.tls.Identity`; needed for ``tls="mtls"``
+        hops, presented on request on ``tls="server"`` ones, unused for h2c."""
         self.reactor = reactor
         self.identity = identity
         self.settings = settings
@@ -88,9 +186,12 @@ class Pool:
         # every open connection, pooled or draining (left the pool on GOAWAY but
         # still carrying tunnels): closeAll must reach them all
         self._live: set = set()
+        self._serverAuthCreators: dict[tuple, object] = {}
 
     def _key(self, hop: HBoneHop) -> tuple:
-        return (str(self.identity.localId), hop.identities, hop.host, hop.port)
+        local = str(self.identity.localId) if self.identity is not None else None
+        return (local, hop.tls, hop.identities, hop.host, hop.port, hop.serverName, hop.caFile,
+                hop.token, hop.basicAuth)
 
     def connections(self, hop: HBoneHop) -> list:
         entry = self._entries.get(self._key(hop))
@@ -150,7 +251,7 @@ class Pool:
             conn.onCapacity = lambda c: self._service(key)
             conn.onGoingAway = lambda c: self._remove(key, c)
             conn.onClosed = lambda c, reason: self._closed(key, c)
-            if conn.peerIdentity is not None and entry.hop.identities is None:
+            if entry.hop.tls == "mtls" and conn.peerIdentity is not None and entry.hop.identities is None:
                 self.log.info(
                     "{hop} presented {identity} (no identity= configured for this hop; "
                     "naming it is recommended)",
@@ -208,10 +309,12 @@ class Pool:
                 tcp = TCP4ClientEndpoint(self.reactor, hop.host, hop.port, timeout=self.connectTimeout)
             else:
                 tcp = HostnameEndpoint(self.reactor, hop.host, hop.port, timeout=self.connectTimeout)
-        endpoint = wrapClientTLS(self.identity.clientCreator(hop.identities, b"h2"), tcp)
-        factory = HBoneH2Factory(
-            "client", self.reactor, self.settings, None, b"h2", self.identity.localId, self.name
-        )
+        if hop.tls == "none":
+            endpoint, alpn = tcp, None
+        else:
+            endpoint, alpn = wrapClientTLS(self._creator(hop), tcp), b"h2"
+        localId = self.identity.localId if self.identity is not None else None
+        factory = HBoneH2Factory("client", self.reactor, self.settings, None, alpn, localId, self.name)
         try:
             conn = await endpoint.connect(factory)
         except Exception as e:
@@ -223,6 +326,26 @@ class Pool:
             if not conn.closed and conn.transport is not None:
                 conn.transport.abortConnection()
             raise
+
+    def _creator(self, hop: HBoneHop):
+        """The TLS connection creator for a ``tls="mtls"`` or ``"server"`` hop."""
+        if hop.tls == "mtls":
+            if self.identity is None:
+                raise HopUnreachable(f"{hop}: mutual TLS needs our SVID (--certs DIR)")
+            return self.identity.clientCreator(hop.identities, b"h2")
+        key = (hop.serverAuthName, hop.caFile)
+        creator = self._serverAuthCreators.get(key)
+        if creator is None:
+            from hbone.tls import IdentityConfigError, ServerAuthClientCreator
+
+            allowTLS12 = bool(self.identity is not None and self.identity.allowTLS12)
+            try:
+                creator = ServerAuthClientCreator(hop.serverAuthName, hop.caFile, self.identity,
+                                                  b"h2", allowTLS12)
+            except (IdentityConfigError, OSError) as e:
+                raise HopUnreachable(f"{hop}: {e}") from None
+            self._serverAuthCreators[key] = creator
+        return creator
 
     def closeAll(self) -> defer.Deferred:
         """GOAWAY and close every pooled connection (their tunnels end)."""
@@ -264,13 +387,15 @@ class HBoneClientEndpoint:
         self.request = request
         self.responseTimeout = responseTimeout
 
-    def _headers(self) -> list[tuple[bytes, bytes]]:
+    def _headers(self, token: bytes | None = None) -> list[tuple[bytes, bytes]]:
         request = self.request
-        if self.hop.method == "post":
-            hostport = f"[{self.hop.host}]:{self.hop.port}" if ":" in self.hop.host else f"{self.hop.host}:{self.hop.port}"
+        hop = self.hop
+        if hop.method == "post":
+            host = hop.serverName or hop.host
+            hostport = f"[{host}]:{hop.port}" if ":" in host else f"{host}:{hop.port}"
             headers = [
                 (b":method", b"POST"),
-                (b":scheme", b"https"),
+                (b":scheme", b"http" if hop.tls == "none" else b"https"),
                 (b":authority", hostport.encode("ascii")),
                 (b":path", self.target.hbonePath().encode("ascii")),
                 (b"content-type", b"application/octet-stream"),
@@ -286,6 +411,13 @@ class HBoneClientEndpoint:
         headers.append((b"traceparent", tp.encode("ascii")))
         if request is not None and request.baggage:
             headers.append((b"baggage", request.baggage.encode("latin-1")))
+        # h2 sends both as never-indexed HPACK literals (h2.utilities.SECURE_HEADERS)
+        if token is not None:
+            headers.append((b"authorization", b"Bearer " + token))
+        if hop.basicAuth is not None:
+            user, password = hop.basicAuth
+            credentials = base64.b64encode(f"{user}:{password}".encode("utf-8"))
+            headers.append((b"proxy-authorization", b"Basic " + credentials))
         return headers
 
     def connect(self, protocolFactory) -> defer.Deferred:
@@ -293,11 +425,14 @@ class HBoneClientEndpoint:
 
     async def _connect(self, protocolFactory):
         clock = self.pool.reactor
+        # read before connecting: a missing token fails the tunnel, not a connection
+        token = readToken(self.hop.token) if self.hop.token is not None else None
+        headers = self._headers(token)
         for attempt in (1, 2):
             conn = await self.pool.acquire(self.hop)
             conn.reserved -= 1
             try:
-                stream, response = conn.openTunnel(self._headers(), self.target.authority())
+                stream, response = conn.openTunnel(headers, self.target.authority())
             except RefusedStream:
                 if attempt == 2:
                     raise

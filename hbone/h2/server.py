@@ -25,12 +25,21 @@ from hbone.address import (
     parseHbonePath,
 )
 from hbone.dialer import TunnelRequest, connectErrorOf
+from hbone.events import TunnelRejected
 from hbone.errors import AccessDenied, ConnectLimit, HBoneError, RequestError
 from hbone.h2.connection import ConnectionSettings, HBoneH2Factory
 from hbone.logs import RejectionLog
 from hbone.splice import SpliceFactory, SpliceProtocol, TunnelTracker, abortTransport, join
 
-__all__ = ["parseTunnelRequest", "ParsedRequest", "TunnelServer", "hboneServerFactory"]
+__all__ = [
+    "parseTunnelRequest",
+    "ParsedRequest",
+    "TunnelServer",
+    "hboneServerFactory",
+    "H2cAuthenticator",
+    "h2cServerFactory",
+    "checkH2cSafety",
+]
 
 
 class ParsedRequest:
@@ -132,8 +141,16 @@ class TunnelServer:
         self.rejections = RejectionLog(reactor)
 
     def __call__(self, stream, headers) -> None:
+        """The stream handler of an mTLS listener: the peer is the certificate's
+        SPIFFE ID. An ``authorization`` header is ignored here and never overrides
+        the certificate (PROTOCOL §2)."""
+        self.serve(stream, headers, stream.connection.peerIdentity)
+
+    def serve(self, stream, headers, peer) -> None:
+        """Serve one request from ``peer`` (a SpiffeId, or None for an anonymous
+        ``h2c?insecure=1`` client, which the authorizer does not see)."""
         conn = stream.connection
-        peer = conn.peerIdentity
+        parsed = None
         try:
             parsed = parseTunnelRequest(headers, self.workloadAddress)
             if self.authorizer is not None and peer is not None and not self.authorizer.isAllowed(peer):
@@ -141,7 +158,7 @@ class TunnelServer:
             if self.pendingConnects >= self.maxPendingConnects:
                 raise ConnectLimit(f"{self.pendingConnects} upstream connects already in progress")
         except HBoneError as e:
-            self._reject(stream, e, peer)
+            self._reject(stream, e, peer, parsed.target if parsed is not None else None)
             return
         stream.authority = parsed.target.authority()
         source = None
@@ -235,6 +252,18 @@ class TunnelServer:
             reason=str(error),
         )
         stream.connection.respond(stream, status, error=proxyError)
+        events = self.tracker.events if self.tracker is not None else None
+        if events is not None:
+            source = None
+            try:
+                tcp = stream.connection.transport.getPeer()
+                source = (tcp.host, tcp.port)
+            except Exception:
+                pass
+            events.emit(TunnelRejected(
+                self.name, str(peer) if peer is not None else None, source,
+                target.authority() if target is not None else None, status, proxyError, str(error),
+            ))
 
 
 def hboneServerFactory(reactor, identity, tunnelServer: TunnelServer,
@@ -250,3 +279,142 @@ def serverEndpoint(reactor, host: str, port: int, backlog: int = 1024):
     if ":" in host:
         return TCP6ServerEndpoint(reactor, port, backlog=backlog, interface=host)
     return TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=host)
+
+
+# -- h2c: cleartext HTTP/2 behind a TLS-terminating load balancer (PROTOCOL §2) --------
+
+
+def _isLoopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def checkH2cSafety(host: str, verifier, insecure: bool) -> None:
+    """Refuse an ``h2c`` listener that would serve anonymous clients where it
+    should not (SECURITY §4.2, §4.3).
+
+    With a verifier (``?jwks=``) every request needs a bearer JWT-SVID and
+    ``insecure`` must not be set. Without one it starts only with
+    ``insecure=True`` on a loopback address.
+
+    :raises ValueError: with the reason and what to write instead."""
+    if verifier is not None:
+        if insecure:
+            raise ValueError(
+                "?insecure=1 and ?jwks= contradict each other: with a JWKS every request "
+                "needs a bearer JWT-SVID; drop insecure=1"
+            )
+        return
+    if not insecure:
+        raise ValueError(
+            "an h2c listener needs bearer JWT-SVIDs: add ?jwks=FILE (from 'hbone certs jwks') "
+            "and optionally &audience=AUD; ?insecure=1 serves without tokens, on a loopback "
+            "address only (e.g. h2c://127.0.0.1:15009?insecure=1)"
+        )
+    if not _isLoopback(host):
+        raise ValueError(
+            f"?insecure=1 is allowed on a loopback address only, not {host}: bind "
+            "127.0.0.1 or ::1, or verify tokens with ?jwks=FILE"
+        )
+
+
+def _authorityHost(headers) -> str | None:
+    for name, value in headers:
+        if name == b":authority":
+            text = value.decode("ascii", "replace")
+            if text.startswith("["):
+                end = text.find("]")
+                return text[1:end] if end > 0 else None
+            return text.rsplit(":", 1)[0] if ":" in text else text
+    return None
+
+
+class H2cAuthenticator:
+    """The stream handler of an ``h2c`` listener: authenticates each request by its
+    bearer JWT-SVID, then hands it to the :class:`TunnelServer` with the token's
+    ``sub`` as the peer identity (which the authorizer then checks as it would a
+    certificate's).
+
+    A missing or unacceptable token gets ``401`` with ``www-authenticate: Bearer``
+    and ``proxy-status: …; error=http_request_denied``, before the request is
+    parsed or anything is dialed. Without a verifier (``insecure``) requests are
+    served anonymously. The token is never logged, and the ``authorization``
+    header is dropped from the stream's recorded request headers.
+    """
+
+    def __init__(self, tunnelServer: TunnelServer, verifier=None, insecure: bool = False) -> None:
+        if verifier is None and not insecure:
+            raise ValueError("an h2c listener without a verifier must be insecure=True")
+        self.tunnelServer = tunnelServer
+        self.verifier = verifier
+        self.insecure = insecure
+
+    def __call__(self, stream, headers) -> None:
+        from hbone.jwt import TokenError, bearerToken
+
+        if any(name == b"authorization" for name, _ in headers):
+            stream.requestHeaders = [(n, v) for n, v in headers if n != b"authorization"]
+        if self.verifier is None:
+            self.tunnelServer.serve(stream, stream.requestHeaders, None)
+            return
+        try:
+            peer = self.verifier.verify(bearerToken(headers), _authorityHost(headers))
+        except TokenError as e:
+            self._unauthenticated(stream, e)
+            return
+        self.tunnelServer.serve(stream, stream.requestHeaders, peer)
+
+    def _unauthenticated(self, stream, error) -> None:
+        source = "?"
+        try:
+            tcpPeer = stream.connection.transport.getPeer()
+            source = f"{tcpPeer.host}:{tcpPeer.port}"
+        except Exception:
+            pass
+        self.tunnelServer.rejections.log(
+            f"token:{error.code}",
+            "stream {sid} from {source}: 401 http_request_denied: bearer token refused: {reason}",
+            sid=stream.streamID,
+            source=source,
+            reason=error.reason,
+        )
+        stream.connection.respond(
+            stream, 401, [(b"www-authenticate", b"Bearer")], error="http_request_denied"
+        )
+
+
+class H2cServerFactory(HBoneH2Factory):
+    """:class:`HBoneH2Factory` for an ``h2c`` listener; warns when it starts
+    listening without token verification."""
+
+    log = Logger()
+
+    def __init__(self, reactor, settings, handler: H2cAuthenticator, name: str) -> None:
+        super().__init__("server", reactor, settings, handler, None, None, name)
+        self.handler = handler
+
+    def startFactory(self) -> None:
+        if self.handler.verifier is None:
+            self.log.warn(
+                "h2c listener serving WITHOUT bearer-token authentication (?insecure=1): "
+                "every local process may open tunnels through it as an anonymous peer"
+            )
+
+
+def h2cServerFactory(reactor, tunnelServer: TunnelServer,
+                     settings: ConnectionSettings = ConnectionSettings(),
+                     verifier=None, insecure: bool = False):
+    """The protocol factory of an ``h2c`` listener: HBONE (CONNECT and the POST
+    form) over cleartext HTTP/2 with prior knowledge, each request authenticated by
+    a bearer JWT-SVID checked by ``verifier`` (a :class:`hbone.jwt.JWKSVerifier`).
+
+    Call :func:`checkH2cSafety` with the bind address first; this refuses only a
+    missing verifier without ``insecure``."""
+    handler = H2cAuthenticator(tunnelServer, verifier, insecure)
+    return H2cServerFactory(reactor, settings, handler, tunnelServer.name)
