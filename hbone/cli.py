@@ -210,8 +210,9 @@ def _run(reactor, nodes, ready) -> int:
             reactor.addSystemEventTrigger("before", "shutdown", node.stopService)
         result = ready()
         if isinstance(result, defer.Deferred):
-            code = await result
-            status["code"] = code or 0
+            result = await result
+        if isinstance(result, int):  # an exit code (selftest): stop; None: keep serving
+            status["code"] = result
             stop()
 
     def boom(f):

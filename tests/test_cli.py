@@ -351,3 +351,23 @@ def test_twistd_listsHbone_andRunsANode(tmp_path):
             pass
     finally:
         proc.stop()
+
+
+def test_dev_keepsServingUntilInterrupted(tmp_path):
+    """`hbone dev` (what `make run` starts) serves until Ctrl-C, then exits 0."""
+    hp, fp, tp = pickFreePorts(3)
+    proc = _Proc(HBONE + ["dev", "--state", str(tmp_path / "state"), "--hbone-port", str(hp),
+                          "--forward-port", str(fp), "--target-port", str(tp)])
+    try:
+        proc.waitFor("try:")
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", fp), timeout=10) as s:
+                s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                body = b""
+                while data := s.recv(65536):
+                    body += data
+            assert b"reached through an HBONE tunnel" in body
+    finally:
+        code = proc.stop()
+    assert code == 0, "".join(proc.lines)
+    assert "Traceback" not in "".join(proc.lines)
