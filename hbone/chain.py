@@ -123,11 +123,13 @@ class ChainDialer:
         if hop.scheme == "http":
             from hbone.proxy.hops import HTTPConnectEndpoint
 
-            return HTTPConnectEndpoint(via(host, port), target, hop.credentials)
+            return HTTPConnectEndpoint(via(host, port), target, hop.credentials, clock=self.reactor,
+                                       timeout=self.responseTimeout, name=f"-F {hop}")
         if hop.scheme == "socks5":
             from hbone.proxy.hops import SOCKS5Endpoint
 
-            return SOCKS5Endpoint(via(host, port), target, hop.credentials)
+            return SOCKS5Endpoint(via(host, port), target, hop.credentials, clock=self.reactor,
+                                  timeout=self.responseTimeout, name=f"-F {hop}")
         raise ValueError(f"-F {hop}: unsupported hop scheme {hop.scheme}")  # pragma: no cover
 
 

@@ -100,6 +100,7 @@ class SpliceProtocol(Protocol):
         self.lostReason: Failure | None = None
         self._pausedWaiting = False
         self._earlyEnd = False
+        self._early: list[bytes] = []
 
     def connectionMade(self) -> None:
         if self.peer is None:
@@ -109,7 +110,10 @@ class SpliceProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.bytesIn += len(data)
         peer = self.peer
-        if peer is not None and not peer.lost:
+        if peer is None:
+            # a transport that delivers although paused: keep it for the join
+            self._early.append(data)
+        elif not peer.lost:
             peer.transport.write(data)
 
     def readConnectionLost(self) -> None:
@@ -218,6 +222,9 @@ def join(a: SpliceProtocol, b: SpliceProtocol, tracker: "TunnelTracker | None" =
     a.transport.registerProducer(_PeerProducer(b.transport), True)
     b.transport.registerProducer(_PeerProducer(a.transport), True)
     for half in (a, b):
+        if half._early:
+            early, half._early = half._early, []
+            half.peer.transport.write(b"".join(early))
         if half._earlyEnd:
             half.readConnectionLost()
         if half._pausedWaiting and not half.lost:

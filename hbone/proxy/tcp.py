@@ -8,9 +8,12 @@ could not be delivered; a refused tunnel resets the client connection.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hbone.address import Target
 from hbone.dialer import TunnelRequest
@@ -21,11 +24,19 @@ __all__ = ["TCPForwardFactory", "spliceThrough"]
 
 
 def spliceThrough(inbound: SpliceProtocol, dialer, request: TunnelRequest,
-                  tracker: TunnelTracker | None, info: dict) -> defer.Deferred:
+                  tracker: TunnelTracker | None, info: dict,
+                  onConnected: Callable[[SpliceProtocol], None] | None = None,
+                  onFailed: Callable[[Failure], None] | None = None) -> defer.Deferred:
     """Dial ``request`` and join ``inbound`` (already connected, paused) to it.
 
     Fires with the :class:`Tunnel`, or fails with the dial error after resetting
     ``inbound``'s connection. If ``inbound`` closes first, the dial is cancelled.
+
+    Hooks for listeners that speak a protocol before splicing (HTTP, SOCKS):
+    ``onConnected(outbound)`` runs once the outbound leg is connected and before the
+    halves are joined (answer the client, forward buffered bytes); ``onFailed(failure)``
+    runs instead of the reset of ``inbound`` when the dial fails (answer with an
+    error status). Neither runs when ``inbound`` closed first.
     """
 
     async def go():
@@ -40,12 +51,17 @@ def spliceThrough(inbound: SpliceProtocol, dialer, request: TunnelRequest,
         if inbound.lost:
             abortTransport(outbound.transport)
             return None
+        if onConnected is not None:
+            onConnected(outbound)
         return join(inbound, outbound, tracker, info)
 
     def failed(f):
         inbound.onLost = None
         if not inbound.lost:
-            abortTransport(inbound.transport)
+            if onFailed is not None:
+                onFailed(f)
+            else:
+                abortTransport(inbound.transport)
         return f
 
     d.addCallbacks(connected, failed)
