@@ -41,6 +41,7 @@ def makeNode(
     ca: str | os.PathLike | None = None,
     identity=None,
     allow: Iterable[str] | str = (),
+    deny: Iterable[str] | str = (),
     allowPeers: Iterable[str] | str = (),
     config: str | os.PathLike | None = None,
     events=None,
@@ -57,6 +58,7 @@ def makeNode(
         or ``cert``, ``key`` and ``ca`` naming the files; or ``identity``, an
         :class:`hbone.tls.Identity` already loaded.
     :param allow: destinations past the default policy (``--allow``).
+    :param deny: destinations refused whatever else allows them (``--deny``).
     :param allowPeers: peer identities to accept beyond our namespace (``--allow-peer``).
     :param config: a node config file (``docs/config.md``) instead of all of the above.
     :param events: an :class:`hbone.events.Events` to emit into (default: the node's own,
@@ -74,11 +76,12 @@ def makeNode(
     listen = _strings(listen, "listen")
     forward = _strings(forward, "forward")
     allow = _strings(allow, "allow")
+    deny = _strings(deny, "deny")
     allowPeers = _strings(allowPeers, "allowPeers")
     identitySources = [n for n, v in (("certs", certs), ("cert", cert), ("key", key), ("ca", ca),
                                       ("identity", identity)) if v is not None]
     if config is not None:
-        given = identitySources + [n for n, v in (("listen", listen), ("forward", forward), ("allow", allow),
+        given = identitySources + [n for n, v in (("listen", listen), ("forward", forward), ("allow", allow), ("deny", deny),
                                                   ("allowPeers", allowPeers)) if v]
         if given:
             raise NodeConfigError(f"config= describes the whole node; {', '.join(given)} go in the file "
@@ -124,6 +127,7 @@ def makeNode(
         hops=hops,
         identity=identity,
         allow=tuple(allow),
+        deny=tuple(deny),
         allowPeers=tuple(allowPeers),
         name=name,
         connectTimeout=connectTimeout,

@@ -105,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="allow a destination the default policy denies: an exact host:port "
                         "(127.0.0.1:9000), a CIDR with optional ports (10.0.0.0/8:80,443), or a "
                         "hostname suffix (.corp.example); repeatable")
+    p.add_argument("--deny", action="append", default=[], metavar="ENTRY",
+                   help="refuse a destination even if otherwise allowed (same forms as --allow); repeatable")
     p.add_argument("--allow-peer", dest="allowPeers", action="append", default=[], metavar="ID",
                    help="also accept tunnels from this SPIFFE ID or spiffe://td/ns/N/* (by default: "
                         "same trust domain and namespace as ours); repeatable")
@@ -174,6 +176,7 @@ def _specFromOptions(options):
         hops=hops,
         identity=identity,
         allow=tuple(options.allow),
+        deny=tuple(options.deny),
         allowPeers=tuple(options.allowPeers),
         connectTimeout=options.connect_timeout,
         idleTimeout=options.idle_timeout,

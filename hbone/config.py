@@ -26,6 +26,7 @@ NODE_KEYS = {
     "key": "a PEM private key file (with cert and ca)",
     "ca": "a PEM trust bundle file (with cert and key)",
     "allow": "destinations past the default policy: host:port, CIDR[:ports] or .suffix, comma or newline separated",
+    "deny": "destinations refused even if otherwise allowed, in the forms allow takes",
     "allow_peers": "extra peer identities: spiffe://td/ns/N/sa/S or spiffe://td/ns/N/*, comma or newline separated",
     "chain": "the [chain:NAME] that listeners without their own chain use",
     "connect_timeout": "seconds, a number > 0 (default 10)",
@@ -189,7 +190,7 @@ def loadConfig(path: str | os.PathLike, identityLoader=None):
     name = node.get("name", "hbone")
     if not name or not all(c.isalnum() or c in "-_." for c in name):
         raise ConfigError(f"{path}: [node] name = {name!r}: expected {NODE_KEYS['name']}")
-    for key in ("allow", "allow_peers"):
+    for key in ("allow", "deny", "allow_peers"):
         if key in node:
             try:
                 _validateList(key, _list(node[key]))
@@ -200,6 +201,7 @@ def loadConfig(path: str | os.PathLike, identityLoader=None):
         hops=defaultChain,
         identity=identity,
         allow=_list(node.get("allow", "")),
+        deny=_list(node.get("deny", "")),
         allowPeers=_list(node.get("allow_peers", "")),
         name=name,
         connectTimeout=_number(path, "node", "connect_timeout", node["connect_timeout"]) if "connect_timeout" in node else 10.0,
@@ -208,7 +210,7 @@ def loadConfig(path: str | os.PathLike, identityLoader=None):
 
 
 def _validateList(key: str, items) -> None:
-    if key == "allow":
+    if key in ("allow", "deny"):
         from hbone.policy import parseAllowEntry
 
         for item in items:

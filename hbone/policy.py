@@ -703,6 +703,9 @@ class DestinationPolicy:
       4. a private address is allowed only by a CIDR entry covering it and the
          port, or a suffix entry covering the hostname it was resolved from;
       5. everything else is allowed (ports 1-65535).
+
+    Deny entries (same forms as allow entries: ``--deny``) are checked first and
+    refuse what they match, whatever the allow entries say.
     """
 
     def __init__(
@@ -710,6 +713,7 @@ class DestinationPolicy:
         allow: Sequence[AllowEntry] = (),
         ownPorts: Iterable[int] = (),
         localAddresses: Iterable[str] | None = None,
+        deny: Sequence[AllowEntry] = (),
     ) -> None:
         """
         @param allow: parsed allow entries (L{parseAllowEntry}).
@@ -719,6 +723,7 @@ class DestinationPolicy:
             (L{discoverLocalAddresses}). Loopback and the unspecified addresses
             are always included.
         """
+        self._deny = tuple(deny)
         self._allow = tuple(allow)
         self._exact = tuple(e for e in self._allow if e.kind == "exact")
         self._cidrs = tuple(e for e in self._allow if e.kind == "cidr")
@@ -773,6 +778,13 @@ class DestinationPolicy:
             where = f"{hostname} ({where})"
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
             raise DestinationDenied(f"{where}: port {port!r} is outside 1-65535")
+        for e in self._deny:
+            if (
+                (e.kind == "exact" and e.matchesExact(address, port))
+                or (e.kind == "cidr" and any(e.matchesNetwork(a, port) for a in _effectiveAddresses(address)))
+                or (e.kind == "suffix" and hostname and e.matchesHostname(hostname))
+            ):
+                raise DestinationDenied(f"{where} is denied by the deny entry {e.text}")
         if any(e.matchesExact(address, port) for e in self._exact):
             return
         exactHint = f"allow it with an exact {_hostPort(_withoutScope(address), port)} entry"

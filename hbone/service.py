@@ -44,6 +44,7 @@ class NodeSpec:
     hops: tuple[HopSpec, ...] = ()
     identity: object | None = None  # hbone.tls.Identity
     allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
     allowPeers: tuple[str, ...] = ()
     name: str = "hbone"
     connectTimeout: float = 10.0
@@ -119,7 +120,11 @@ class Node(MultiService):
             allow = [parseAllowEntry(a) for a in spec.allow]
         except ValueError as e:
             raise NodeConfigError(f"--allow: {e}") from None
-        self.policy = DestinationPolicy(allow)
+        try:
+            deny = [parseAllowEntry(a) for a in spec.deny]
+        except ValueError as e:
+            raise NodeConfigError(f"--deny: {e}") from None
+        self.policy = DestinationPolicy(allow, deny=deny)
         try:
             self.authorizer = (
                 PeerAuthorizer(self.identity.localId if self.identity is not None else None, spec.allowPeers)

@@ -33,6 +33,7 @@ class Options(usage.Options):
         self["listeners"] = []
         self["hops"] = []
         self["allow"] = []
+        self["deny"] = []
         self["allowPeers"] = []
 
     def opt_L(self, value: str) -> None:
@@ -46,6 +47,10 @@ class Options(usage.Options):
     def opt_allow(self, value: str) -> None:
         """Allow a destination the default policy denies (host:port, CIDR[:ports], .suffix); repeatable."""
         self["allow"].append(value)
+
+    def opt_deny(self, value: str) -> None:
+        """Refuse a destination even if otherwise allowed (same forms as --allow); repeatable."""
+        self["deny"].append(value)
 
     def opt_allow_peer(self, value: str) -> None:
         """Also accept tunnels from this SPIFFE ID or spiffe://td/ns/N/*; repeatable."""
@@ -88,6 +93,7 @@ class Options(usage.Options):
             hops=hops,
             identity=identity,
             allow=tuple(self["allow"]),
+            deny=tuple(self["deny"]),
             allowPeers=tuple(self["allowPeers"]),
             connectTimeout=self["connect-timeout"],
             idleTimeout=self["idle-timeout"],

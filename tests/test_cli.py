@@ -371,3 +371,14 @@ def test_dev_keepsServingUntilInterrupted(tmp_path):
         code = proc.stop()
     assert code == 0, "".join(proc.lines)
     assert "Traceback" not in "".join(proc.lines)
+
+
+def test_main_publicProxyWithoutCredentials_refusesToStart(capsys):
+    assert main(["-L", "http://0.0.0.0:0"]) == 2
+    err = capsys.readouterr().err
+    assert "-L http://0.0.0.0:0: a proxy listener on a non-loopback address needs user:pass@" in err
+
+
+def test_main_badDeny(capsys):
+    assert main(["--deny", "not an entry", "-L", "tcp://:0/10.0.0.5:22"]) == 2
+    assert "--deny" in capsys.readouterr().err

@@ -148,3 +148,14 @@ def test_unreadableFile(tmp_path):
 def test_shippedExamplesParse(name):
     spec = load(ROOT / "conf" / name)
     assert spec.listeners
+
+
+def test_denyKey(tmp_path):
+    spec = load(write(tmp_path, """
+        [node]
+        deny = 10.9.0.0/16:22,80
+               .secret.example
+        [listener:a]
+        url = tcp://:7000/10.0.0.5:22
+    """))
+    assert spec.deny == ("10.9.0.0/16:22,80", ".secret.example")

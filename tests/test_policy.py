@@ -883,3 +883,28 @@ def test_peerAuthorizerWithRealSpiffeId() -> None:
     assert auth.isAllowed(parse("spiffe://partner.example/ns/shop/sa/cart"))
     assert not auth.isAllowed(parse("spiffe://cluster.local/ns/other/sa/client"))
     assert not auth.isAllowed(parse("spiffe://cluster.local/ns/app/sa/client/extra"))
+
+
+# -- deny entries (--deny) ------------------------------------------------------------
+
+
+def test_denyEntries_refuseWhatAllowWouldAdmit():
+    policy = DestinationPolicy(
+        allow=[parseAllowEntry("10.0.0.0/8"), parseAllowEntry(".corp.example")],
+        deny=[parseAllowEntry("10.9.0.0/16"), parseAllowEntry("93.184.216.34:443"),
+              parseAllowEntry(".secret.corp.example")],
+        localAddresses=(),
+    )
+    policy.checkAddress("10.1.2.3", 80)  # allowed by the CIDR entry
+    with pytest.raises(DestinationDenied) as e:
+        policy.checkAddress("10.9.1.1", 80)
+    assert "deny entry 10.9.0.0/16" in str(e.value)
+    policy.checkAddress("93.184.216.34", 80)  # public, other port
+    with pytest.raises(DestinationDenied):
+        policy.checkAddress("93.184.216.34", 443)
+    policy.checkAddress("10.1.1.1", 80, hostname="db.corp.example")
+    with pytest.raises(DestinationDenied) as e:
+        policy.checkAddress("10.1.1.1", 80, hostname="vault.secret.corp.example")
+    assert ".secret.corp.example" in str(e.value)
+    with pytest.raises(DestinationDenied):  # an embedded IPv4 address is denied too
+        policy.checkAddress("::ffff:10.9.1.1", 80)
