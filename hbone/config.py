@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hbone.urls import HopSpec, ListenerSpec, URLError, parseHop, parseListener
 
-__all__ = ["ConfigError", "loadConfig", "NODE_KEYS", "LISTENER_KEYS", "CHAIN_KEYS"]
+__all__ = ["ConfigError", "loadConfig", "NODE_KEYS", "LISTENER_KEYS", "CHAIN_KEYS", "RULE_KEYS"]
 
 #: [node] keys and what each expects.
 NODE_KEYS = {
@@ -36,6 +36,13 @@ NODE_KEYS = {
 LISTENER_KEYS = {
     "url": "a listener URL, e.g. hbone://0.0.0.0:15008 or tcp://:7000/10.0.0.5:22",
     "chain": "the [chain:NAME] this listener's tunnels go through, or 'none' to dial directly",
+}
+#: [rule:NAME] keys (per-stream authorization on HBONE listeners, SECURITY §4.2).
+RULE_KEYS = {
+    "action": "allow or deny (deny rules are evaluated first)",
+    "peers": "SPIFFE IDs or patterns (spiffe://td/ns/N/*) the rule applies to; absent: every peer",
+    "destinations": "CIDRs, host names or .suffixes the rule applies to; absent: every destination",
+    "ports": "ports or ranges, e.g. 80,443,8000-8080; absent: every port",
 }
 #: [chain:NAME] keys.
 CHAIN_KEYS = {
@@ -113,6 +120,7 @@ def loadConfig(path: str | os.PathLike, identityLoader=None):
     node: dict[str, str] = {}
     listeners: dict[str, dict[str, str]] = {}
     chains: dict[str, dict[str, str]] = {}
+    rules: dict[str, dict[str, str]] = {}
     for section in parser.sections():
         kind, _, name = section.partition(":")
         if section == "node":
@@ -121,9 +129,11 @@ def loadConfig(path: str | os.PathLike, identityLoader=None):
             allowed, target = LISTENER_KEYS, listeners.setdefault(name, {})
         elif kind == "chain" and name:
             allowed, target = CHAIN_KEYS, chains.setdefault(name, {})
+        elif kind == "rule" and name:
+            allowed, target = RULE_KEYS, rules.setdefault(name, {})
         else:
             raise ConfigError(f"{path}: unknown section [{section}]; expected [node], "
-                              f"[listener:NAME] or [chain:NAME]")
+                              f"[listener:NAME], [chain:NAME] or [rule:NAME]")
         for key, value in parser.items(section):
             if key not in allowed:
                 raise ConfigError(f"{path}: [{section}] unknown key {key!r}; expected one of "
@@ -196,7 +206,19 @@ def loadConfig(path: str | os.PathLike, identityLoader=None):
                 _validateList(key, _list(node[key]))
             except ValueError as e:
                 raise ConfigError(f"{path}: [node] {key}: {e}") from None
+    from hbone.rules import RuleError, parseRule
+
+    ruleList = []
+    for rname, values in rules.items():
+        if "action" not in values:
+            raise ConfigError(f"{path}: [rule:{rname}] action: missing; expected {RULE_KEYS['action']}")
+        try:
+            ruleList.append(parseRule(rname, values["action"], _list(values.get("peers", "")),
+                                      _list(values.get("destinations", "")), values.get("ports", "")))
+        except RuleError as e:
+            raise ConfigError(f"{path}: [rule:{rname}] {e}") from None
     return NodeSpec(
+        rules=tuple(ruleList),
         listeners=tuple(specs),
         hops=defaultChain,
         identity=identity,

@@ -24,6 +24,7 @@ from hbone.h2.connection import ConnectionSettings
 from hbone.h2.server import TunnelServer, hboneServerFactory
 from hbone.policy import DestinationPolicy, PeerAuthorizer, ReactorResolver, parseAllowEntry
 from hbone.proxy.tcp import TCPForwardFactory
+from hbone.rules import RuleSet
 from hbone.splice import TunnelTracker
 from hbone.urls import PROXY_LISTENERS, HopSpec, ListenerSpec
 
@@ -46,6 +47,7 @@ class NodeSpec:
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
     allowPeers: tuple[str, ...] = ()
+    rules: tuple = ()  # hbone.rules.Rule, per-stream authorization on HBONE listeners
     name: str = "hbone"
     connectTimeout: float = 10.0
     idleTimeout: float = 3600.0
@@ -132,6 +134,7 @@ class Node(MultiService):
             )
         except ValueError as e:
             raise NodeConfigError(f"--allow-peer: {e}") from None
+        self.rules = RuleSet(spec.rules)
         self.events = events if events is not None else Events()
         self.events.subscribe(LogObserver())
         self.tracker = TunnelTracker(reactor, spec.idleTimeout, events=self.events)
@@ -169,7 +172,7 @@ class Node(MultiService):
         name = str(spec)
         if spec.scheme == "hbone":
             server = TunnelServer(self.reactor, dialer, self.authorizer, self.tracker,
-                                  name=self.spec.name)
+                                  name=self.spec.name, rules=self.rules)
             factory = hboneServerFactory(self.reactor, self.identity, server, self.spec.settings)
         elif spec.scheme == "h2c":
             factory = self._h2cFactory(spec, dialer)
@@ -207,7 +210,8 @@ class Node(MultiService):
             checkH2cSafety(spec.host, verifier, insecure)
         except (ValueError, OSError) as e:
             raise NodeConfigError(f"-L {spec}: {e}") from None
-        server = TunnelServer(self.reactor, dialer, self.authorizer, self.tracker, name=self.spec.name)
+        server = TunnelServer(self.reactor, dialer, self.authorizer, self.tracker, name=self.spec.name,
+                              rules=self.rules)
         return h2cServerFactory(self.reactor, server, self.spec.settings, verifier, insecure)
 
     def _bound(self, service: _ListenerService, port) -> None:

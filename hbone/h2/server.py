@@ -128,6 +128,7 @@ class TunnelServer:
         workloadAddress: str | None = None,
         trustedForwarders=(),
         name: str = "hbone",
+        rules=None,
     ) -> None:
         self.reactor = reactor
         self.dialer = dialer
@@ -137,6 +138,7 @@ class TunnelServer:
         self.workloadAddress = workloadAddress
         self.trustedForwarders = tuple(trustedForwarders)
         self.name = name
+        self.rules = rules  # hbone.rules.RuleSet: per-stream (peer, destination, port) rules
         self.pendingConnects = 0
         self.rejections = RejectionLog(reactor)
 
@@ -155,6 +157,10 @@ class TunnelServer:
             parsed = parseTunnelRequest(headers, self.workloadAddress)
             if self.authorizer is not None and peer is not None and not self.authorizer.isAllowed(peer):
                 raise AccessDenied(self.authorizer.explain(peer))
+            if self.rules:
+                why = self.rules.check(peer, parsed.target.host, parsed.target.port)
+                if why is not None:
+                    raise AccessDenied(why)
             if self.pendingConnects >= self.maxPendingConnects:
                 raise ConnectLimit(f"{self.pendingConnects} upstream connects already in progress")
         except HBoneError as e:
@@ -267,12 +273,23 @@ class TunnelServer:
 
 
 def hboneServerFactory(reactor, identity, tunnelServer: TunnelServer,
-                       settings: ConnectionSettings = ConnectionSettings()):
-    """The protocol factory of an mTLS HBONE listener (ALPN ``h2``)."""
+                       settings: ConnectionSettings = ConnectionSettings(),
+                       processLimits=None):
+    """The protocol factory of an mTLS HBONE listener (ALPN ``h2``).
+
+    It carries the listener's :class:`hbone.limits.ListenerGate` (handshakes in
+    progress and connections, from ``settings``) as ``listenerGate``; listen with
+    :class:`hbone.limits.LimitedServerEndpoint` (or ``listenLimited``) so the port
+    stops accepting at those caps and pauses on EMFILE. ``processLimits`` (one
+    :class:`hbone.limits.ProcessLimits` per process) caps the open tunnels."""
+    from hbone.limits import GatedTLSMemoryBIOFactory, ListenerGate
+
+    gate = ListenerGate(settings.maxHandshakesPerListener, settings.maxConnectionsPerListener)
     inner = HBoneH2Factory(
-        "server", reactor, settings, tunnelServer, b"h2", identity.localId, tunnelServer.name
+        "server", reactor, settings, tunnelServer, b"h2", identity.localId, tunnelServer.name,
+        gate=gate, processLimits=processLimits,
     )
-    return TLSMemoryBIOFactory(identity.serverCreator(b"h2"), False, inner, clock=reactor)
+    return GatedTLSMemoryBIOFactory(identity.serverCreator(b"h2"), False, inner, gate, clock=reactor)
 
 
 def serverEndpoint(reactor, host: str, port: int, backlog: int = 1024):
