@@ -30,3 +30,9 @@ test: $(VENV)/.installed-test
 
 clean:
 	rm -rf $(VENV) .hbone-state build *.egg-info .pytest_cache .hypothesis
+
+## bench: side-by-side benchmark, raw/socat/stunnel4/nghttpx/hbone (docs/performance.md);
+## BENCH_ARGS=--quick for about a minute, BENCH_ARGS=--help for the options
+.PHONY: bench
+bench: $(VENV)/.installed
+	$(BIN)/python -m bench $(BENCH_ARGS)
