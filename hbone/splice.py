@@ -37,6 +37,29 @@ from hbone.errors import TunnelAborted
 __all__ = ["SpliceProtocol", "SpliceFactory", "Tunnel", "TunnelTracker", "abortTransport", "join"]
 
 
+#: Bytes read from a socket at once (PROTOCOL §3 ``read_size``): one read becomes
+#: one DATA frame where the window allows; Twisted's default is 64 KiB.
+READ_SIZE = 256 * 1024
+
+
+def tuneTCP(transport, readSize: int = READ_SIZE) -> None:
+    """Set TCP_NODELAY and the read size on the TCP socket under ``transport``
+    (through a TLS layer, if any). Without TCP_NODELAY a new tunnel's first small
+    writes wait on Nagle and delayed ACKs (~40 ms each way)."""
+    for _ in range(3):
+        if transport is None:
+            return
+        setNoDelay = getattr(transport, "setTcpNoDelay", None)
+        if setNoDelay is not None and hasattr(transport, "socket"):
+            try:
+                setNoDelay(True)
+            except OSError:
+                pass
+            transport.bufferSize = readSize
+            return
+        transport = getattr(transport, "transport", None)
+
+
 def abortTransport(transport, streamErrorCode: int = ErrorCodes.CONNECT_ERROR) -> None:
     """Close ``transport`` so the far end sees a reset, not an end.
 
@@ -103,6 +126,7 @@ class SpliceProtocol(Protocol):
         self._early: list[bytes] = []
 
     def connectionMade(self) -> None:
+        tuneTCP(self.transport)
         if self.peer is None:
             self.transport.pauseProducing()
             self._pausedWaiting = True

@@ -47,6 +47,7 @@ from zope.interface import implementer
 from hbone.address import Target, formatForwarded, newTraceparent, parseAuthority
 from hbone.dialer import TunnelRequest, connectErrorOf
 from hbone.errors import HopUnreachable, ResponseTimeout
+from hbone.splice import tuneTCP
 from hbone.h2.connection import ConnectionSettings, HBoneH2Factory, RefusedStream
 
 __all__ = ["HBoneHop", "Pool", "HBoneClientEndpoint", "TokenFileError", "readToken", "TLS_MODES"]
@@ -319,6 +320,7 @@ class Pool:
             conn = await endpoint.connect(factory)
         except Exception as e:
             raise connectErrorOf(e, what) from None
+        tuneTCP(conn.transport)
         try:
             return await conn.whenReady()
         except BaseException:

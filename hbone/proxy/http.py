@@ -413,6 +413,7 @@ class ProxyListenerProtocol(SpliceProtocol):
 
     def connectionMade(self) -> None:
         # not SpliceProtocol.connectionMade: the handshake must be read first
+        tuneTCP(self.transport)
         peer = self.transport.getPeer()
         host, port = getattr(peer, "host", None), getattr(peer, "port", None)
         if isinstance(host, str) and isinstance(port, int):
