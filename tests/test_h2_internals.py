@@ -308,3 +308,31 @@ def test_hbone_connection_leaves_body_length_to_hbone():
     assert conn.streams[1]._expected_content_length is None
     events = conn.receive_data(DataFrame(1, data=b"four", flags=["END_STREAM"]).serialize())
     assert [type(e) for e in events] == [DataReceived, StreamEnded]
+
+
+def test_receivedDataFrames_areNotHexDumped(monkeypatch):
+    """h2 logs repr(frame) for every received frame; hbone's frame buffer makes a DATA
+    frame's repr length-only (hyperframe's _raw_data_repr hex-encodes the payload)."""
+    import hyperframe.frame as hf
+
+    from hbone.h2.connection import ConnectionSettings, HBoneH2Connection
+
+    real = hf._raw_data_repr
+
+    def boom(data):
+        if data is not None and len(data) >= 60000:
+            raise AssertionError("DATA payload was hex-dumped")
+        return real(data)
+
+    monkeypatch.setattr(hf, "_raw_data_repr", boom)
+    client = H2Connection(H2Configuration(client_side=True))
+    client.initiate_connection()
+    server = HBoneH2Connection(H2Configuration(client_side=False), ConnectionSettings())
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    client.send_headers(1, [(":method", "CONNECT"), (":authority", "a.example:1")])
+    client.send_data(1, b"x" * 60000)
+    events = server.receive_data(client.data_to_send())
+    data = [e for e in events if type(e).__name__ == "DataReceived"]
+    assert data and data[0].data == b"x" * 60000

@@ -46,7 +46,7 @@ from hbone.address import AddressError, Target, parseAuthority
 from hbone.dialer import TunnelRequest
 from hbone.logs import RejectionLog
 from hbone.proxy.tcp import spliceThrough
-from hbone.splice import SpliceProtocol
+from hbone.splice import SpliceProtocol, tuneTCP
 
 __all__ = [
     "HTTPProxyFactory",
