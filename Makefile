@@ -36,3 +36,32 @@ clean:
 .PHONY: bench
 bench: $(VENV)/.installed
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# -- the Long tier of SECURITY §5 (docs/security.md); not part of `make test` --------
+
+SOAK_SECONDS ?= 600
+SOAK_RATE ?= 200
+FUZZ_SECONDS ?= 60
+FUZZ_EXAMPLES ?= 200000
+
+## soak: S51, tunnels opened and closed at SOAK_RATE/s for SOAK_SECONDS (10 min) with a random
+## mix of half-close, reset and idle plus 1 % attacks; then FDs, RSS, hashes and logs checked
+.PHONY: soak
+soak: $(VENV)/.installed-test
+	$(BIN)/python -m tests.adversarial.long.soak --seconds $(SOAK_SECONDS) --rate $(SOAK_RATE)
+
+## fuzz: S56, atheris (coverage-guided, 1 s per input at most) on every parser, FUZZ_SECONDS each;
+## falls back to hypothesis with FUZZ_EXAMPLES inputs each if atheris cannot be installed
+.PHONY: fuzz
+fuzz: $(VENV)/.installed-test
+	$(PIP_INSTALL) atheris || echo "atheris did not install: fuzzing with hypothesis instead"
+	$(BIN)/python -m tests.adversarial.long.fuzz --seconds $(FUZZ_SECONDS) --examples $(FUZZ_EXAMPLES) \
+		--artifacts fuzz-artifacts
+
+## tlsscan: S57, sslyze (with a client SVID) and openssl s_client against a running hbone listener;
+## sslyze gets its own venv, since it pins its own cryptography
+.PHONY: tlsscan
+tlsscan: $(VENV)/.installed-test
+	test -x $(VENV)-tlsscan/bin/sslyze || ($(PYTHON) -m venv $(VENV)-tlsscan && \
+		$(VENV)-tlsscan/bin/pip install --quiet --disable-pip-version-check sslyze)
+	$(BIN)/python -m tests.adversarial.long.tlsscan --sslyze $(VENV)-tlsscan/bin/sslyze

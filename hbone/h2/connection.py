@@ -16,7 +16,8 @@ Every per-connection limit lives in :class:`FrameAccounting` (SECURITY §4.4).
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+import struct
+from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -38,7 +39,8 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
-from hyperframe.frame import GoAwayFrame
+from h2.frame_buffer import FrameBuffer
+from hyperframe.frame import DataFrame, GoAwayFrame
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
@@ -49,10 +51,13 @@ from zope.interface import implementer
 
 from hbone.errors import HopIdentityError, HopUnreachable, StreamReset, TunnelRefused
 from hbone.h2.stream import H2TunnelStream
+from hbone.splice import tuneTCP
+from hbone.logs import RejectionLog
 
 __all__ = [
     "ConnectionSettings",
     "FrameAccounting",
+    "LimitExceeded",
     "HBoneH2Connection",
     "HBoneH2Protocol",
     "HBoneH2Factory",
@@ -78,6 +83,24 @@ class ConnectionSettings:
     maxStreamsPerConnection: int = 100  # client side: min(peer's MAX_CONCURRENT_STREAMS, this)
     maxControlBytesWhilePaused: int = 16 * 1024
     maxHeaderFields: int = 32
+    # abuse limits, enforced by FrameAccounting (SECURITY §4.4)
+    maxHeaderBlockBytes: int = 16 * 1024  # HEADERS + CONTINUATION payload
+    maxContinuationFrames: int = 8  # per header block
+    maxPrematureResets: int = 50  # more than this in any window: GOAWAY(0xb)
+    prematureResetWindow: float = 10.0
+    prematureResetLifetime: float = 1.0  # a reset this soon after opening is premature even after the 200
+    pingRate: float = 10.0  # PING frames received per second, sustained
+    pingBurst: int = 50
+    settingsRate: float = 10.0  # SETTINGS frames received per second, sustained
+    settingsBurst: int = 50
+    maxSettingsEntries: int = 32  # per SETTINGS frame
+    maxConsecutiveEmptyData: int = 1  # empty DATA without END_STREAM tolerated in a row
+    maxPriorityPerStream: int = 100  # PRIORITY frames <= this x (streams opened + 1)
+    windowUpdateAllowance: int = 100  # WINDOW_UPDATE frames <= this + ratio x DATA frames sent
+    windowUpdatesPerDataFrame: int = 10
+    # listener caps (SECURITY §4.5, §4.6), enforced by hbone.limits.ListenerGate
+    maxHandshakesPerListener: int = 128
+    maxConnectionsPerListener: int = 1024
     # timers (seconds)
     handshakeTimeout: float = 10.0
     settingsTimeout: float = 10.0
@@ -98,6 +121,27 @@ class RefusedStream(HopUnreachable):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, 503, "destination_unavailable")
+
+
+class _QuietDataFrame(DataFrame):
+    """A received DATA frame whose ``repr`` does not hex-dump the payload.
+
+    h2 builds ``repr(frame)`` for a trace log on every received frame, and
+    hyperframe hex-encodes a whole DATA payload for it: 15-20 % of a receiver's CPU
+    (docs/performance.md)."""
+
+    __slots__ = ()
+
+    def _body_repr(self) -> str:
+        return f"<{len(self.data)} bytes>"
+
+
+class _QuietFrameBuffer(FrameBuffer):
+    def _update_header_buffer(self, f):
+        f = super()._update_header_buffer(f)
+        if f is not None and f.__class__ is DataFrame:
+            f.__class__ = _QuietDataFrame
+        return f
 
 
 class HBoneH2Connection(H2Connection):
@@ -128,6 +172,8 @@ class HBoneH2Connection(H2Connection):
         self.decoder.max_header_list_size = settings.maxHeaderListSize
         self.max_inbound_frame_size = settings.maxFrameSize
         self._frame_dispatch_table[GoAwayFrame] = self._receiveGoAwayReported
+        self.incoming_buffer = _QuietFrameBuffer(server=not config.client_side)
+        self._frame_dispatch_table[_QuietDataFrame] = self._receive_data_frame
 
     def _receive_headers_frame(self, frame):
         # A POST body that runs long or ends early is a stream error, enforced by
@@ -150,26 +196,117 @@ class HBoneH2Connection(H2Connection):
         return [], [event]
 
 
+# frame types and flags (RFC 9113 §6)
+_DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = range(10)
+_END_STREAM = 0x1
+_END_HEADERS = 0x4
+_PADDED = 0x8
+_FRAME_HEADER = struct.Struct(">BHBBL")  # length (24 bits as 8 + 16), type, flags, stream id
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+#: After an error GOAWAY, incoming bytes are dropped, and past this many the
+#: transport stops reading (a peer that closes at once still gets a clean close).
+DISCARD_AFTER_GOAWAY = 65536
+#: DATA frames sent are counted in units of at most this many bytes for the
+#: WINDOW_UPDATE budget: peers acknowledge per read, not per frame, and hbone's
+#: frames go up to 1 MiB (Envoy's ratio of 10 assumes 16 KiB frames).
+DATA_FRAME_UNIT = 16384
+
+
+class LimitExceeded(tuple):
+    """A verdict of :meth:`FrameAccounting.scan`: ``(offset, code, key, reason)``:
+    the offending frame starts at ``offset`` in the bytes scanned (0 when it began in
+    an earlier read); the connection ends with GOAWAY(``code``); ``key`` names the
+    limit (a fixed set, for rate-limited logging); ``reason`` says what happened."""
+
+    __slots__ = ()
+
+    def __new__(cls, offset: int, code: int, key: str, reason: str):
+        return tuple.__new__(cls, (offset, code, key, reason))
+
+    offset = property(lambda self: self[0])
+    code = property(lambda self: self[1])
+    key = property(lambda self: self[2])
+    reason = property(lambda self: self[3])
+
+
 class FrameAccounting:
     """The one place for per-connection frame limits (SECURITY §4.4).
 
-    Enforced today: MAX_CONCURRENT_STREAMS (by h2, from the first frame), the 8 KiB
-    header list (by hpack, from the first block), the header-field count (stream
-    400), and the control bytes queued while the peer is not reading. The rate
-    limits of the hardening work join here.
+    ===================================  =============================  =======================
+    limit (:class:`ConnectionSettings`)  default                        answer
+    ===================================  =============================  =======================
+    MAX_CONCURRENT_STREAMS               100 (h2, from the first frame)  GOAWAY(PROTOCOL_ERROR)
+    decoded header list                  8 KiB (hpack, first block)      GOAWAY(ENHANCE_YOUR_CALM)
+    ``maxHeaderFields``                  32 regular fields               stream ``400``
+    ``maxHeaderBlockBytes``              16 KiB of HEADERS+CONTINUATION  GOAWAY(0xb), from the
+    ``maxContinuationFrames``            8 per block                     frame header (scan)
+    ``maxFrameSize``                     1 MiB                           GOAWAY(FRAME_SIZE_ERROR),
+                                                                         from the frame header
+    ``maxPrematureResets``               > 50 in ``prematureResetWindow``  GOAWAY(0xb)
+                                         (10 s); premature: before the
+                                         ``200``, or within
+                                         ``prematureResetLifetime`` (1 s)
+    ``pingRate``/``pingBurst``           10/s, burst 50                  GOAWAY(0xb)
+    ``settingsRate``/``settingsBurst``   10/s, burst 50                  GOAWAY(0xb)
+    ``maxSettingsEntries``               32 per frame                    GOAWAY(0xb), first frame
+    ``maxConsecutiveEmptyData``          1 (the 2nd in a row trips)      GOAWAY(0xb)
+    ``maxPriorityPerStream``             100 x (streams opened + 1)      GOAWAY(0xb)
+    ``windowUpdateAllowance`` +          100 + 10 x DATA frames sent     GOAWAY(0xb)
+    ``windowUpdatesPerDataFrame``        (a frame counts once per
+                                         started 16 KiB)
+    ``maxControlBytesWhilePaused``       16 KiB                          abort the connection
+    ===================================  =============================  =======================
+
+    :meth:`scan` reads only the 9-byte frame headers of what arrives, before h2
+    sees (and buffers) a byte of it: DATA payloads are skipped by their length, so
+    its cost is per frame, not per byte. A frame that breaks a limit is never given
+    to h2, nor is anything after it. Premature resets are counted from h2's events
+    and hbone's own stream errors (:meth:`prematureReset`).
     """
 
-    def __init__(self, settings: ConnectionSettings) -> None:
+    def __init__(self, settings: ConnectionSettings, server: bool = True, now: float = 0.0) -> None:
         self.settings = settings
         self.controlBytesWhilePaused = 0
+        self.peakControlBytesWhilePaused = 0
+        # the frame-header scanner
+        self._preface = _PREFACE if server else b""
+        self._peerParity = 1 if server else 0  # stream ids the peer opens
+        self._skip = 0  # payload bytes of the current frame still to come
+        self._partial = b""  # a frame header split across reads
+        self._padPending: tuple[int, int] | None = None  # PADDED DATA awaiting its pad-length byte
+        self.off = False  # a bad preface: h2 answers it, nothing is scanned
+        self._inBlock = False
+        self._blockBytes = 0
+        self._continuations = 0
+        # counters
+        self.streamsOpened = 0
+        self._highestStream = 0
+        self.priorityFrames = 0
+        self.windowUpdates = 0
+        self.dataFramesSent = 0
+        self.emptyData = 0
+        self.pingFrames = 0
+        self.settingsFrames = 0
+        self._pingTokens = float(settings.pingBurst)
+        self._pingAt = now
+        self._settingsTokens = float(settings.settingsBurst)
+        self._settingsAt = now
+        self._resets: deque[float] = deque()
+        self.prematureResets = 0
+
+    # -- the control-frame queue while the peer is not reading ------------------
 
     def controlWritten(self, n: int) -> bool:
         """Count bytes written while paused; False once over the cap."""
         self.controlBytesWhilePaused += n
+        if self.controlBytesWhilePaused > self.peakControlBytesWhilePaused:
+            self.peakControlBytesWhilePaused = self.controlBytesWhilePaused
         return self.controlBytesWhilePaused <= self.settings.maxControlBytesWhilePaused
 
     def resumed(self) -> None:
         self.controlBytesWhilePaused = 0
+
+    # -- per request -------------------------------------------------------------
 
     def tooManyHeaderFields(self, headers) -> bool:
         regular = 0
@@ -177,6 +314,185 @@ class FrameAccounting:
             if not name.startswith(b":"):
                 regular += 1
         return regular > self.settings.maxHeaderFields
+
+    def prematureReset(self, now: float) -> bool:
+        """Count one premature reset; True once more than ``maxPrematureResets`` fell
+        within the last ``prematureResetWindow`` seconds."""
+        self.prematureResets += 1
+        resets = self._resets
+        resets.append(now)
+        horizon = now - self.settings.prematureResetWindow
+        while resets[0] <= horizon:
+            resets.popleft()
+        return len(resets) > self.settings.maxPrematureResets
+
+    def isPremature(self, stream: H2TunnelStream, now: float, code: int | None = None) -> bool:
+        """Reset before its ``200``, or within ``prematureResetLifetime`` of opening.
+        Not RST_STREAM(NO_ERROR) after the peer's END_STREAM on an answered
+        stream: that is a graceful end (RFC 9113 §8.1; hbone's own client closes
+        a tunnel that way), and it cannot come before the response, where the
+        work (the dial) is."""
+        if not stream.responseReceived:
+            return True
+        if code == ErrorCodes.NO_ERROR and stream.remoteEnded:
+            return False
+        return now - stream.openedAt < self.settings.prematureResetLifetime
+
+    # -- frame headers -------------------------------------------------------------
+
+    def scan(self, data: bytes, now: float) -> LimitExceeded | None:
+        """Account for the frame headers in ``data`` (the next bytes from the peer)."""
+        if self.off:
+            return None
+        n = len(data)
+        pos = self._skip
+        if self._preface:
+            k = min(n, len(self._preface))
+            if data[:k] != self._preface[:k]:
+                self.off = True  # not HTTP/2: h2 sends GOAWAY(PROTOCOL_ERROR)
+                return None
+            self._preface = self._preface[k:]
+            pos = k
+        if self._padPending is not None and n:
+            # the pad-length byte of a PADDED DATA frame whose header ended the last read
+            length, flags = self._padPending
+            self._padPending = None
+            verdict = self._dataFrame(length - 1 - data[0], flags)
+            if verdict is not None:
+                return LimitExceeded(0, *verdict)
+        if pos >= n:
+            self._skip = pos - n
+            return None
+        if self._partial:
+            need = 9 - len(self._partial)
+            head = self._partial + data[:need]
+            if len(head) < 9:
+                self._partial = head
+                self._skip = 0
+                return None
+            self._partial = b""
+            hi, lo, ftype, flags, sid = _FRAME_HEADER.unpack(head)
+            length = (hi << 16) | lo
+            verdict = self._frame(length, ftype, flags, sid & 0x7FFFFFFF, data[need] if need < n else -1, now)
+            if verdict is not None:
+                return LimitExceeded(0, *verdict)
+            pos = need + length
+        unpack = _FRAME_HEADER.unpack_from
+        maxFrameSize = self.settings.maxFrameSize
+        while pos + 9 <= n:
+            hi, lo, ftype, flags, sid = unpack(data, pos)
+            length = (hi << 16) | lo
+            if ftype == _DATA and 0 < length <= maxFrameSize and not flags & _PADDED and not self._inBlock:
+                self.emptyData = 0  # the bulk path: a DATA frame with data
+                pos += 9 + length
+                continue
+            payload = pos + 9
+            verdict = self._frame(length, ftype, flags, sid & 0x7FFFFFFF, data[payload] if payload < n else -1, now)
+            if verdict is not None:
+                return LimitExceeded(pos, *verdict)
+            pos = payload + length
+        if pos < n:
+            self._partial = data[pos:]
+            self._skip = 0
+        else:
+            self._skip = pos - n
+        return None
+
+    def _frame(self, length: int, ftype: int, flags: int, sid: int, firstByte: int, now: float):
+        """One frame header; ``firstByte`` is the payload's first byte, or -1 when it
+        is not in this read. Returns ``(code, key, reason)`` for a violation."""
+        s = self.settings
+        if length > s.maxFrameSize:
+            return (ErrorCodes.FRAME_SIZE_ERROR, "frame_size",
+                    f"a {length}-byte frame (type {ftype}) exceeds MAX_FRAME_SIZE {s.maxFrameSize}")
+        if self._inBlock:
+            if ftype != _CONTINUATION:
+                self._inBlock = False  # h2 refuses it (PROTOCOL_ERROR)
+                return None
+            self._continuations += 1
+            self._blockBytes += length
+            if self._continuations > s.maxContinuationFrames:
+                return (ErrorCodes.ENHANCE_YOUR_CALM, "continuation_flood",
+                        f"more than {s.maxContinuationFrames} CONTINUATION frames in one header block")
+            if self._blockBytes > s.maxHeaderBlockBytes:
+                return (ErrorCodes.ENHANCE_YOUR_CALM, "header_block_size",
+                        f"a header block of more than {s.maxHeaderBlockBytes} bytes")
+            if flags & _END_HEADERS:
+                self._inBlock = False
+            if length:
+                self.emptyData = 0
+            return None
+        if ftype == _DATA:
+            if flags & _PADDED and length:
+                if firstByte < 0:
+                    self._padPending = (length, flags)
+                    return None
+                return self._dataFrame(length - 1 - firstByte, flags)
+            return self._dataFrame(length, flags)
+        if length:
+            self.emptyData = 0
+        if ftype == _HEADERS or ftype == _PUSH_PROMISE:
+            if length > s.maxHeaderBlockBytes:
+                return (ErrorCodes.ENHANCE_YOUR_CALM, "header_block_size",
+                        f"a header block of more than {s.maxHeaderBlockBytes} bytes")
+            if not flags & _END_HEADERS:
+                self._inBlock = True
+                self._blockBytes = length
+                self._continuations = 0
+            if ftype == _HEADERS and sid > self._highestStream and sid & 1 == self._peerParity:
+                self._highestStream = sid
+                self.streamsOpened += 1
+        elif ftype == _WINDOW_UPDATE:
+            self.windowUpdates += 1
+            if self.windowUpdates > s.windowUpdateAllowance + s.windowUpdatesPerDataFrame * self.dataFramesSent:
+                return (ErrorCodes.ENHANCE_YOUR_CALM, "window_update_flood",
+                        f"{self.windowUpdates} WINDOW_UPDATE frames against {self.dataFramesSent} DATA frames sent")
+        elif ftype == _PING:
+            self.pingFrames += 1
+            tokens = self._pingTokens + (now - self._pingAt) * s.pingRate
+            self._pingAt = now
+            if tokens > s.pingBurst:
+                tokens = s.pingBurst
+            if tokens < 1:
+                return (ErrorCodes.ENHANCE_YOUR_CALM, "ping_flood",
+                        f"PING frames faster than {s.pingRate:g}/s (burst {s.pingBurst})")
+            self._pingTokens = tokens - 1
+        elif ftype == _SETTINGS:
+            self.settingsFrames += 1
+            if length // 6 > s.maxSettingsEntries:
+                return (ErrorCodes.ENHANCE_YOUR_CALM, "settings_entries",
+                        f"a SETTINGS frame of {length // 6} entries (at most {s.maxSettingsEntries})")
+            tokens = self._settingsTokens + (now - self._settingsAt) * s.settingsRate
+            self._settingsAt = now
+            if tokens > s.settingsBurst:
+                tokens = s.settingsBurst
+            if tokens < 1:
+                return (ErrorCodes.ENHANCE_YOUR_CALM, "settings_flood",
+                        f"SETTINGS frames faster than {s.settingsRate:g}/s (burst {s.settingsBurst})")
+            self._settingsTokens = tokens - 1
+        elif ftype == _PRIORITY:
+            self.priorityFrames += 1
+            if self.priorityFrames > s.maxPriorityPerStream * (self.streamsOpened + 1):
+                return (ErrorCodes.ENHANCE_YOUR_CALM, "priority_flood",
+                        f"{self.priorityFrames} PRIORITY frames for {self.streamsOpened} streams")
+        return None
+
+    def _dataFrame(self, dataLength: int, flags: int):
+        if dataLength == 0 and not flags & _END_STREAM:
+            self.emptyData += 1
+            if self.emptyData > self.settings.maxConsecutiveEmptyData:
+                return (ErrorCodes.ENHANCE_YOUR_CALM, "empty_data",
+                        f"{self.emptyData} empty DATA frames without END_STREAM in a row")
+        else:
+            self.emptyData = 0
+        return None
+
+    def dataSent(self, n: int) -> None:
+        """One DATA frame of ``n`` bytes sent (it earns WINDOW_UPDATE budget)."""
+        self.dataFramesSent += 1 + (n - 1) // DATA_FRAME_UNIT if n > 0 else 1
+
+    def localStreamOpened(self) -> None:
+        self.streamsOpened += 1
 
 
 @implementer(IHandshakeListener, IPushProducer)
@@ -189,6 +505,13 @@ class HBoneH2Protocol(Protocol):
         :meth:`respond` and attach a protocol, or reject.
     :param expectALPN: the ALPN token the TLS layer must have negotiated, or None
         on a plain transport.
+    :param gate: server role: the listener's :class:`hbone.limits.ListenerGate`,
+        told when this connection opens, finishes its handshake and closes.
+    :param processLimits: server role: the process's
+        :class:`hbone.limits.ProcessLimits`; a stream over its tunnel cap gets
+        RST_STREAM(REFUSED_STREAM).
+    :param rejections: the listener's :class:`hbone.logs.RejectionLog` (one per
+        connection if None): every refusal is logged through it, rate-limited.
     """
 
     log = Logger()
@@ -202,6 +525,9 @@ class HBoneH2Protocol(Protocol):
         expectALPN: bytes | None = b"h2",
         localIdentity=None,
         name: str = "hbone",
+        gate=None,
+        processLimits=None,
+        rejections: RejectionLog | None = None,
     ) -> None:
         assert role in ("client", "server")
         self.role = role
@@ -212,7 +538,13 @@ class HBoneH2Protocol(Protocol):
         self.localIdentity = localIdentity
         self.nodeName = name
         self.peerIdentity = None
-        self.accounting = FrameAccounting(self.settings)
+        self.gate = gate
+        self._gated = False  # counted by the gate: opened, not yet closed
+        self._handshaking = False  # counted by the gate as a handshake in progress
+        self.processLimits = processLimits
+        self.rejections = rejections if rejections is not None else RejectionLog(clock)
+        self.accounting = FrameAccounting(self.settings, role == "server", clock.seconds())
+        self._lastProcessed = 0  # the highest stream id handed to the stream handler
         self._conn = HBoneH2Connection(
             H2Configuration(client_side=(role == "client"), header_encoding=None),
             self.settings,
@@ -229,7 +561,9 @@ class HBoneH2Protocol(Protocol):
         self.sentGoAway = False
         self.goAwayLastStreamID = MAX_STREAM_ID  # the lowest last_stream_id we sent
         self._registered = False  # as our transport's producer
-        self._h2Closed = False  # h2 hit a protocol error and queued its GOAWAY
+        self._h2Closed = False  # an error GOAWAY is out: nothing more is parsed
+        self._discarded = 0  # bytes dropped since
+        self._readingStopped = False
         self.closed = False
         self._failure: Failure | None = None
         self._timer = None
@@ -248,17 +582,28 @@ class HBoneH2Protocol(Protocol):
     # -- setup -------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        tuneTCP(self.transport)  # TCP_NODELAY and read size on the socket under TLS
         self.transport.registerProducer(self, True)
         self._registered = True
         now = self.clock.seconds()
         self._lastReceived = now
+        if self.gate is not None:
+            self._gated = self._handshaking = True
+            self.gate.opened()
         if self.expectALPN is None:
+            self._handshakeDone()
             self._startH2()
         else:
             self._setDeadline(self.settings.handshakeTimeout, "TLS handshake")
         self._schedule()
 
+    def _handshakeDone(self) -> None:
+        if self._handshaking:
+            self._handshaking = False
+            self.gate.handshakeDone()
+
     def handshakeCompleted(self) -> None:
+        self._handshakeDone()
         tls = self.transport.getHandle()
         from hbone.tls import verifyStateOf
 
@@ -272,7 +617,8 @@ class HBoneH2Protocol(Protocol):
                     f"negotiated, {self.expectALPN.decode()} required"
                 )
             )
-            self.log.info(
+            self.rejections.log(
+                "alpn",
                 "closing connection from {peer}: {reason}",
                 peer=_fmtPeer(self.transport),
                 reason=self._failure.getErrorMessage(),
@@ -342,7 +688,8 @@ class HBoneH2Protocol(Protocol):
         now = self.clock.seconds()
         if self._deadline is not None and now >= self._deadline:
             what = self._deadlineWhat
-            self.log.info(
+            self.rejections.log(
+                f"deadline:{what}",
                 "closing connection with {peer}: no {what} within the deadline",
                 peer=_fmtPeer(self.transport),
                 what=what,
@@ -379,9 +726,28 @@ class HBoneH2Protocol(Protocol):
     # -- receiving -------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closed or self._h2Closed:
+        if self.closed:
             return
-        self._lastReceived = self.clock.seconds()
+        if self._h2Closed:
+            # after our error GOAWAY: dropped. A peer that closes gets a clean
+            # close; one that keeps sending is no longer read at all.
+            self._discarded += len(data)
+            if self._discarded > DISCARD_AFTER_GOAWAY and not self._readingStopped:
+                self._readingStopped = True
+                self.transport.pauseProducing()
+            return
+        now = self._lastReceived = self.clock.seconds()
+        verdict = self.accounting.scan(data, now)
+        if verdict is not None:
+            # what came before the offending frame is served; it and the rest are not
+            if verdict.offset:
+                self._receive(data[: verdict.offset])
+            if not (self.closed or self._h2Closed):
+                self._limitExceeded(verdict.code, verdict.key, verdict.reason)
+            return
+        self._receive(data)
+
+    def _receive(self, data: bytes) -> None:
         self._inReceive = True
         try:
             try:
@@ -393,7 +759,7 @@ class HBoneH2Protocol(Protocol):
                 handler = self._handlers.get(type(event))
                 if handler is not None:
                     handler(self, event)
-                if self.closed:
+                if self.closed or self._h2Closed:
                     return
         finally:
             self._inReceive = False
@@ -401,14 +767,43 @@ class HBoneH2Protocol(Protocol):
         if self._pingSentAt is None and self._timer is None:
             self._schedule()
 
+    def _limitExceeded(self, code: int, key: str, reason: str) -> None:
+        """A SECURITY §4.4 limit tripped: GOAWAY(``code``) naming the last stream
+        processed, parse nothing more, close (at the latest after the linger)."""
+        try:
+            name = ErrorCodes(code).name
+        except ValueError:
+            name = str(code)
+        self.rejections.log(
+            f"h2:{key}",
+            "{peer} ({identity}): {reason}; sending GOAWAY({code})",
+            peer=_fmtPeer(self.transport),
+            identity=str(self.peerIdentity),
+            reason=reason,
+            code=name,
+        )
+        self._inReceive = False
+        # Nothing more is parsed: dataReceived drops every later byte, and stops
+        # reading after DISCARD_AFTER_GOAWAY of them. Reading goes on until then so
+        # that TLS sees the close_notify of a peer that closes at once.
+        self._h2Closed = True
+        self._failure = Failure(ConnectionLost(f"HTTP/2 limit exceeded: {reason}"))
+        # h2 has answered the whole read at once (its RST_STREAMs for a MadeYouReset
+        # burst, PING ACKs...); none of that goes out, only the GOAWAY
+        self._conn.clear_outbound_data_buffer()
+        self.goAway(code, self._lastProcessed)
+        self._closeAfterGoAway()
+
     def _protocolError(self, error: ProtocolError) -> None:
         code = getattr(error, "error_code", ErrorCodes.PROTOCOL_ERROR)
-        self.log.info(
+        name = ErrorCodes(code).name if isinstance(code, int) else str(code)
+        self.rejections.log(
+            f"h2:protocol_error:{name}",
             "HTTP/2 protocol error from {peer} ({identity}): {error}; sending GOAWAY({code})",
             peer=_fmtPeer(self.transport),
             identity=str(self.peerIdentity),
             error=str(error),
-            code=ErrorCodes(code).name if isinstance(code, int) else code,
+            code=name,
         )
         # h2 has already queued its GOAWAY
         self._inReceive = False
@@ -443,9 +838,34 @@ class HBoneH2Protocol(Protocol):
             # above the last id we promised to process (RFC 9113 §6.8)
             self._conn.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             return
+        if self._conn._stream_is_closed_by_reset(sid):
+            # Reset (by the peer, or by h2 for the peer's misbehaviour) in the same
+            # read, before hbone even saw the request: nothing is served, and it is
+            # a premature reset (Rapid Reset with requests that would be refused
+            # at once must count too).
+            self._lastProcessed = sid
+            if self.accounting.prematureReset(self.clock.seconds()):
+                self._prematureResetLimit()
+            return
+        limits = self.processLimits
+        if limits is not None and not limits.tunnelOpened():
+            self.rejections.log(
+                "process_tunnels",
+                "stream {sid} from {peer} ({identity}) refused: {n} tunnels open in this process "
+                "(the limit); RST_STREAM(REFUSED_STREAM)",
+                sid=sid,
+                peer=_fmtPeer(self.transport),
+                identity=str(self.peerIdentity),
+                n=limits.openTunnels,
+            )
+            self._conn.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            return
         headers = event.headers
         stream = H2TunnelStream(self, sid, None, headers)
+        stream.openedAt = self.clock.seconds()
+        stream._processCounted = limits is not None
         self.streams[sid] = stream
+        self._lastProcessed = sid
         self._idleSince = None
         if self.accounting.tooManyHeaderFields(headers):
             self.respond(stream, 400, error="http_request_error")
@@ -511,6 +931,9 @@ class HBoneH2Protocol(Protocol):
         stream = self.streams.get(sid)
         d = self._responses.pop(sid, None)
         if stream is None:
+            return
+        # The peer reset it (Rapid Reset), or made h2 reset it (MadeYouReset)
+        if sid & 1 == self.accounting._peerParity and self._countReset(stream, event.error_code):
             return
         if d is not None:
             stream._close(Failure(StreamReset(event.error_code)))
@@ -595,6 +1018,8 @@ class HBoneH2Protocol(Protocol):
             raise RefusedStream("connection is going away")
         sid = self._conn.get_next_available_stream_id()
         stream = H2TunnelStream(self, sid, authority, headers)
+        stream.openedAt = self.clock.seconds()
+        self.accounting.localStreamOpened()
         self.streams[sid] = stream
         self._idleSince = None
         d = defer.Deferred()
@@ -651,6 +1076,7 @@ class HBoneH2Protocol(Protocol):
             self._blocked.pop(stream.streamID, None)
             return
         conn = self._conn
+        accounting = self.accounting
         sid = stream.streamID
         buf = stream._outbuf
         ended = False
@@ -666,15 +1092,18 @@ class HBoneH2Protocol(Protocol):
                     stream._outbytes -= len(chunk)
                     end = stream._endPending and not buf
                     conn.send_data(sid, chunk, end_stream=end)
+                    accounting.dataSent(len(chunk))
                     ended = ended or end
                 else:
                     conn.send_data(sid, chunk[:n])
+                    accounting.dataSent(n)
                     buf[0] = chunk[n:]
                     stream._outbytes -= n
             # an empty END_STREAM DATA is flow-controlled too: not while the peer's
             # SETTINGS has made the window negative (RFC 9113 §6.9.2)
             if not buf and stream._endPending and not ended and conn.local_flow_control_window(sid) >= 0:
                 conn.end_stream(sid)
+                accounting.dataSent(0)
                 ended = True
         except StreamClosedError:
             self._blocked.pop(sid, None)
@@ -716,10 +1145,40 @@ class HBoneH2Protocol(Protocol):
             self._conn.reset_stream(stream.streamID, code)
         except (StreamClosedError, ProtocolError):
             return
+        if (
+            code == ErrorCodes.PROTOCOL_ERROR  # the peer broke the stream's rules (MadeYouReset)
+            and stream.streamID & 1 == self.accounting._peerParity
+            and not self._h2Closed
+            and self._countReset(stream)
+        ):
+            return
         if not self._inReceive:
             self._flush()
 
+    def _countReset(self, stream: H2TunnelStream, code: int | None = None) -> bool:
+        """Count a premature reset of a peer-opened stream; True if that tripped
+        the limit (and the connection is going away)."""
+        now = self.clock.seconds()
+        if not self.accounting.isPremature(stream, now, code):
+            return False
+        if not self.accounting.prematureReset(now):
+            return False
+        self._prematureResetLimit()
+        return True
+
+    def _prematureResetLimit(self) -> None:
+        s = self.settings
+        self._limitExceeded(
+            ErrorCodes.ENHANCE_YOUR_CALM,
+            "premature_resets",
+            f"premature resets: more than {s.maxPrematureResets} streams reset before their response "
+            f"or within {s.prematureResetLifetime:g}s of opening in {s.prematureResetWindow:g}s",
+        )
+
     def _streamClosed(self, stream: H2TunnelStream) -> None:
+        if stream._processCounted:
+            stream._processCounted = False
+            self.processLimits.tunnelClosed()
         sid = stream.streamID
         if self.streams.pop(sid, None) is None:
             return
@@ -740,7 +1199,8 @@ class HBoneH2Protocol(Protocol):
         if not data:
             return
         if self._paused and not self.accounting.controlWritten(len(data)):
-            self.log.info(
+            self.rejections.log(
+                "h2:control_queue",
                 "{peer} ({identity}) is not reading: over {cap} bytes of control frames queued; aborting",
                 peer=_fmtPeer(self.transport),
                 identity=str(self.peerIdentity),
@@ -852,6 +1312,10 @@ class HBoneH2Protocol(Protocol):
             return
         self.closed = True
         self.goingAway = True
+        if self._gated:
+            self._gated = False
+            handshaking, self._handshaking = self._handshaking, False
+            self.gate.closed(handshaking)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self._closeTimer is not None and self._closeTimer.active():
@@ -861,7 +1325,10 @@ class HBoneH2Protocol(Protocol):
         if not self.ready:
             rf = self._readyFailure(failure)
             if self.role == "server" and self.expectALPN is not None and not self.h2Started:
-                self.log.info("{msg}", msg=rf.getErrorMessage())
+                # a handshake flood must not flood the log: once per 10 s per kind
+                # (the key is a fixed word: the message holds what the peer sent)
+                refused = " refused: " in rf.getErrorMessage()
+                self.rejections.log("tls:refused" if refused else "tls:failed", "{msg}", msg=rf.getErrorMessage())
             waiters, self._readyWaiters = self._readyWaiters, []
             for d in waiters:
                 d.errback(rf)
@@ -893,13 +1360,18 @@ def _fmtPeer(transport) -> str:
 
 
 class HBoneH2Factory(Factory):
-    """Builds :class:`HBoneH2Protocol` for one role (wrapped in TLS by the caller)."""
+    """Builds :class:`HBoneH2Protocol` for one role (wrapped in TLS by the caller).
+
+    A server-role factory is one listener: its protocols share one
+    :class:`~hbone.logs.RejectionLog` (rejections are rate-limited per listener,
+    SECURITY §4.7), and ``gate`` and ``processLimits`` when given (see
+    :class:`HBoneH2Protocol`)."""
 
     noisy = False
 
     def __init__(self, role: str, clock, settings: ConnectionSettings = ConnectionSettings(),
                  streamHandler=None, expectALPN: bytes | None = b"h2", localIdentity=None,
-                 name: str = "hbone") -> None:
+                 name: str = "hbone", gate=None, processLimits=None) -> None:
         self.role = role
         self.clock = clock
         self.settings = settings
@@ -907,6 +1379,9 @@ class HBoneH2Factory(Factory):
         self.expectALPN = expectALPN
         self.localIdentity = localIdentity
         self.name = name
+        self.gate = gate
+        self.processLimits = processLimits
+        self.rejections = RejectionLog(clock)
 
     def buildProtocol(self, addr):
         p = HBoneH2Protocol(
@@ -917,6 +1392,9 @@ class HBoneH2Factory(Factory):
             self.expectALPN,
             self.localIdentity,
             self.name,
+            gate=self.gate,
+            processLimits=self.processLimits,
+            rejections=self.rejections,
         )
         p.factory = self
         return p

@@ -124,6 +124,9 @@ class H2TunnelStream:
         self.bytesSent = 0
         self._bodyRemaining: int | None = None
         self._calls = 0  # >0 while the protocol is inside one of our methods
+        # accounting (SECURITY §4.4, §4.6), set by the connection
+        self.openedAt = 0.0
+        self._processCounted = False  # counted in the process's open tunnels
 
     # -- addresses -----------------------------------------------------------
 

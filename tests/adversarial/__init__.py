@@ -1,0 +1,1 @@
+"""Adversarial tests: the CI and CI-s tiers of SECURITY §5 (see docs/security.md)."""
