@@ -223,6 +223,9 @@ def _run(reactor, nodes, ready) -> int:
         status["code"] = 1
         stop()
 
+    from hbone.limits import raiseFileLimit
+
+    raiseFileLimit()
     reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(start()).addErrback(boom))
     reactor.run()
     return status["code"]

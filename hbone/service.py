@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
 
 from hbone.chain import ChainDialer
@@ -24,6 +23,7 @@ from hbone.h2.connection import ConnectionSettings
 from hbone.h2.server import TunnelServer, hboneServerFactory
 from hbone.policy import DestinationPolicy, PeerAuthorizer, ReactorResolver, parseAllowEntry
 from hbone.proxy.tcp import TCPForwardFactory
+from hbone.limits import LimitedServerEndpoint, ProcessLimits
 from hbone.rules import RuleSet
 from hbone.splice import TunnelTracker
 from hbone.urls import PROXY_LISTENERS, HopSpec, ListenerSpec
@@ -135,6 +135,7 @@ class Node(MultiService):
         except ValueError as e:
             raise NodeConfigError(f"--allow-peer: {e}") from None
         self.rules = RuleSet(spec.rules)
+        self.processLimits = ProcessLimits()
         self.events = events if events is not None else Events()
         self.events.subscribe(LogObserver())
         self.tracker = TunnelTracker(reactor, spec.idleTimeout, events=self.events)
@@ -164,16 +165,16 @@ class Node(MultiService):
         return dialer
 
     def _endpoint(self, spec: ListenerSpec):
-        cls = TCP6ServerEndpoint if ":" in spec.host else TCP4ServerEndpoint
-        return cls(self.reactor, spec.port, backlog=1024, interface=spec.host)
+        return LimitedServerEndpoint(self.reactor, spec.port, backlog=1024, interface=spec.host)
 
     def _buildListener(self, spec: ListenerSpec) -> _ListenerService:
         dialer = self._dialerFor(spec.chain) if spec.chain is not None else self.dialer
         name = str(spec)
         if spec.scheme == "hbone":
             server = TunnelServer(self.reactor, dialer, self.authorizer, self.tracker,
-                                  name=self.spec.name, rules=self.rules)
-            factory = hboneServerFactory(self.reactor, self.identity, server, self.spec.settings)
+                                  name=self.spec.name, rules=self.rules, limits=self.processLimits)
+            factory = hboneServerFactory(self.reactor, self.identity, server, self.spec.settings,
+                                         self.processLimits)
         elif spec.scheme == "h2c":
             factory = self._h2cFactory(spec, dialer)
         elif spec.scheme == "tcp":
@@ -211,7 +212,7 @@ class Node(MultiService):
         except (ValueError, OSError) as e:
             raise NodeConfigError(f"-L {spec}: {e}") from None
         server = TunnelServer(self.reactor, dialer, self.authorizer, self.tracker, name=self.spec.name,
-                              rules=self.rules)
+                              rules=self.rules, limits=self.processLimits)
         return h2cServerFactory(self.reactor, server, self.spec.settings, verifier, insecure)
 
     def _bound(self, service: _ListenerService, port) -> None:

@@ -103,7 +103,10 @@ class Options(usage.Options):
 def makeService(options: Options):
     from twisted.internet import reactor
 
+    from hbone.limits import raiseFileLimit
     from hbone.service import Node, NodeConfigError
+
+    raiseFileLimit()
 
     try:
         return Node(reactor, options["spec"])

@@ -129,6 +129,7 @@ class TunnelServer:
         trustedForwarders=(),
         name: str = "hbone",
         rules=None,
+        limits=None,
     ) -> None:
         self.reactor = reactor
         self.dialer = dialer
@@ -139,6 +140,7 @@ class TunnelServer:
         self.trustedForwarders = tuple(trustedForwarders)
         self.name = name
         self.rules = rules  # hbone.rules.RuleSet: per-stream (peer, destination, port) rules
+        self.limits = limits  # hbone.limits.ProcessLimits: connects in progress per process
         self.pendingConnects = 0
         self.rejections = RejectionLog(reactor)
 
@@ -161,7 +163,9 @@ class TunnelServer:
                 why = self.rules.check(peer, parsed.target.host, parsed.target.port)
                 if why is not None:
                     raise AccessDenied(why)
-            if self.pendingConnects >= self.maxPendingConnects:
+            if self.pendingConnects >= self.maxPendingConnects or (
+                self.limits is not None and not self.limits.connectStarted()
+            ):
                 raise ConnectLimit(f"{self.pendingConnects} upstream connects already in progress")
         except HBoneError as e:
             self._reject(stream, e, peer, parsed.target if parsed is not None else None)
@@ -206,6 +210,8 @@ class TunnelServer:
                 outbound = await endpoint.connect(SpliceFactory())
             finally:
                 self.pendingConnects -= 1
+                if self.limits is not None:
+                    self.limits.connectFinished()
         except defer.CancelledError:
             return  # the client went away while we dialed
         except Exception as e:
