@@ -184,7 +184,7 @@ def test_summarizeSpeedscope():
     doc = {
         "shared": {"frames": [
             {"name": "run", "file": "/venv/lib/python3.11/site-packages/twisted/internet/base.py"},
-            {"name": "dataReceived", "file": "/work/main/hbone/h2/connection.py"},
+            {"name": "dataReceived", "file": "/home/user/src/hbone/hbone/h2/connection.py"},
             {"name": "send", "file": "/venv/lib/python3.11/site-packages/OpenSSL/SSL.py"},
             {"name": "EPollReactor.doPoll", "file": "/venv/lib/python3.11/site-packages/twisted/internet/epollreactor.py"},
         ]},
@@ -205,4 +205,4 @@ def test_summarizeSpeedscope():
 def test_shortFile():
     assert shortFile("/x/lib/python3.11/site-packages/h2/connection.py") == "h2/connection.py"
     assert shortFile("/usr/lib/python3.11/socket.py") == "stdlib/socket.py"
-    assert shortFile("/work/main/hbone/splice.py") == "hbone/splice.py"
+    assert shortFile("/srv/checkout/hbone/splice.py") == "hbone/splice.py"
