@@ -79,6 +79,19 @@ class _Hello:
         return site
 
 
+def _startDemoTarget(reactor, port: int):
+    """Serve the demo page on 127.0.0.1:``port`` until the reactor shuts down."""
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+
+    d = TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(_Hello.site())
+
+    def listening(p):
+        reactor.addSystemEventTrigger("before", "shutdown", p.stopListening)
+        return p
+
+    return d.addCallback(listening)
+
+
 def devMain(argv: list[str]) -> int:
     options = _parser().parse_args(argv)
     if options.config:
@@ -94,8 +107,7 @@ def devMain(argv: list[str]) -> int:
     server = Identity.fromDirectory(paths["server"])
     client = Identity.fromDirectory(paths["client"])
 
-    from twisted.internet import defer, reactor
-    from twisted.internet.endpoints import TCP4ServerEndpoint
+    from twisted.internet import reactor
 
     hp, fp, tp = options.hbone_port, options.forward_port, options.target_port
     serverNode = Node(reactor, NodeSpec(
@@ -109,16 +121,11 @@ def devMain(argv: list[str]) -> int:
         identity=client,
     ))
     _startLogging(options.verbose, False)
-    targetPort = []
-
-    async def startTarget():
-        targetPort.append(await TCP4ServerEndpoint(reactor, tp, interface="127.0.0.1").listen(_Hello.site()))
 
     def ready():
-        d = defer.Deferred.fromCoroutine(startTarget())
+        d = _startDemoTarget(reactor, tp)
 
         def up(_):
-            reactor.addSystemEventTrigger("before", "shutdown", targetPort[0].stopListening)
             log.info("certificates in {state}/ (CA, server and client SVIDs)", state=str(state))
             log.info(
                 "ready: TCP 127.0.0.1:{fp} -> HBONE mTLS HTTP/2 CONNECT via 127.0.0.1:{hp} "
@@ -174,8 +181,7 @@ def _devConfig(options) -> int:
     ensureDevIdentity(certsDir.parent, TRUST_DOMAIN, {name: f"spiffe://{TRUST_DOMAIN}/ns/default/sa/{name}"})
     try:
         spec = loadConfig(path)
-        from twisted.internet import defer, reactor
-        from twisted.internet.endpoints import TCP4ServerEndpoint
+        from twisted.internet import reactor
 
         node = Node(reactor, spec)
     except (ConfigError, NodeConfigError) as e:
@@ -183,16 +189,11 @@ def _devConfig(options) -> int:
         return 2
     _startLogging(options.verbose, False)
     tp = options.target_port
-    targetPort = []
-
-    async def startTarget():
-        targetPort.append(await TCP4ServerEndpoint(reactor, tp, interface="127.0.0.1").listen(_Hello.site()))
 
     def ready():
-        d = defer.Deferred.fromCoroutine(startTarget())
+        d = _startDemoTarget(reactor, tp)
 
         def up(_):
-            reactor.addSystemEventTrigger("before", "shutdown", targetPort[0].stopListening)
             log.info("identity {id}, certificates in {d}/", id=str(spec.identity.localId), d=str(certsDir))
             tries = []
             for l in spec.listeners:

@@ -85,6 +85,23 @@ class VerifyState:
     expectedName: str | None = None
 
 
+def _chainChecked(state: "VerifyState", cert, errno: int, depth: int, ok: int):
+    """The shared part of both verify callbacks: record OpenSSL's chain verdict.
+
+    Returns the leaf (a cryptography certificate) when it is the leaf's turn and the
+    chain is valid; None otherwise (the caller answers ``ok and depth != 0``)."""
+    if not ok:
+        if state.reason is None:
+            state.reason = _verifyErrorText(errno)
+            state.certificate = describeCertificate(cert.to_cryptography())
+        return None
+    if depth != 0:
+        return None
+    leaf = cert.to_cryptography()
+    state.certificate = describeCertificate(leaf)
+    return leaf
+
+
 def verifyStateOf(tlsConnection: SSL.Connection) -> VerifyState | None:
     """The :class:`VerifyState` of a connection made by our creators.
 
@@ -267,15 +284,9 @@ class Identity:
             if state.chainDepth < depth:
                 state.chainDepth = depth
                 state.anchorDomains = frozenset(anchors.get(_fingerprint(cert.to_cryptography()), ()))
-            if not ok:
-                if state.reason is None:
-                    state.reason = _verifyErrorText(errno)
-                    state.certificate = describeCertificate(cert.to_cryptography())
-                return False
-            if depth != 0:
-                return True
-            leaf = cert.to_cryptography()
-            state.certificate = describeCertificate(leaf)
+            leaf = _chainChecked(state, cert, errno, depth, ok)
+            if leaf is None:
+                return bool(ok) and depth != 0
             try:
                 peer = svidFromCertificate(leaf)
             except SvidError as e:
@@ -432,15 +443,9 @@ def _serverAuthVerify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth
     state = verifyStateOf(conn)
     if state is None or state.expectedName is None:  # pragma: no cover - defensive
         return False
-    if not ok:
-        if state.reason is None:
-            state.reason = _verifyErrorText(errno)
-            state.certificate = describeCertificate(cert.to_cryptography())
-        return False
-    if depth != 0:
-        return True
-    leaf = cert.to_cryptography()
-    state.certificate = describeCertificate(leaf)
+    leaf = _chainChecked(state, cert, errno, depth, ok)
+    if leaf is None:
+        return bool(ok) and depth != 0
     name = state.expectedName
     try:
         if _isIPAddress(name):

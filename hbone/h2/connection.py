@@ -734,7 +734,8 @@ class HBoneH2Protocol(Protocol):
             self._discarded += len(data)
             if self._discarded > DISCARD_AFTER_GOAWAY and not self._readingStopped:
                 self._readingStopped = True
-                self.transport.pauseProducing()
+                if not getattr(self.transport, "disconnecting", False):
+                    self.transport.pauseProducing()
             return
         now = self._lastReceived = self.clock.seconds()
         verdict = self.accounting.scan(data, now)
