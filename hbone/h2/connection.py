@@ -734,8 +734,7 @@ class HBoneH2Protocol(Protocol):
             self._discarded += len(data)
             if self._discarded > DISCARD_AFTER_GOAWAY and not self._readingStopped:
                 self._readingStopped = True
-                if not getattr(self.transport, "disconnecting", False):
-                    self.transport.pauseProducing()
+                self.transport.pauseProducing()
             return
         now = self._lastReceived = self.clock.seconds()
         verdict = self.accounting.scan(data, now)
