@@ -114,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="upstream TCP connect timeout (default 10)")
     p.add_argument("--idle-timeout", type=float, default=3600.0, metavar="SECONDS",
                    help="reset a tunnel with no bytes either way for this long (default 3600)")
+    p.add_argument("--drain-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="on SIGTERM, how long live tunnels get to finish before they are reset (default 5)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     p.add_argument("--version", action="version", version=f"hbone {__version__}")
@@ -180,13 +182,21 @@ def _specFromOptions(options):
         allowPeers=tuple(options.allowPeers),
         connectTimeout=options.connect_timeout,
         idleTimeout=options.idle_timeout,
+        drainTimeout=max(0.0, options.drain_timeout),
     )
     return spec, hops
 
 
-def _run(reactor, nodes, ready) -> int:
-    """Bind every node's listeners, start them, run the reactor; 1 if a bind failed."""
+def _run(reactor, nodes, ready, configPath=None) -> int:
+    """Bind every node's listeners, start them, run the reactor; 1 if a bind failed.
+
+    SIGTERM/SIGINT drain and exit 0, SIGHUP reloads ``configPath`` (hbone.signals)."""
     from twisted.internet import defer
+
+    from hbone.signals import SignalHandlers
+
+    handlers = SignalHandlers(reactor, nodes, configPath)
+    reactor.callWhenRunning(handlers.install)
 
     status = {"code": 0}
 
@@ -284,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         via = f" via {' -> '.join(str(h) for h in hops)}" if hops else ""
         log.info("ready: {bound}{via}", bound=bound, via=via)
 
-    return _run(reactor, [node], ready)
+    return _run(reactor, [node], ready, configPath=options.config)
 
 
 if __name__ == "__main__":  # pragma: no cover

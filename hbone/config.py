@@ -31,6 +31,9 @@ NODE_KEYS = {
     "chain": "the [chain:NAME] that listeners without their own chain use",
     "connect_timeout": "seconds, a number > 0 (default 10)",
     "idle_timeout": "seconds, a number > 0 (default 3600)",
+    "drain_timeout": "seconds live tunnels get to finish on SIGTERM, a number >= 0 (default 5)",
+    "cert_check_interval": "seconds between looks at the certificate files for a renewed SVID, "
+                           "a number >= 0; 0 turns it off (default 5)",
 }
 #: [listener:NAME] keys.
 LISTENER_KEYS = {
@@ -70,12 +73,12 @@ def _list(value: str) -> tuple[str, ...]:
     return tuple(items)
 
 
-def _number(path, section, key, value) -> float:
+def _number(path, section, key, value, zero: bool = False) -> float:
     try:
         n = float(value)
     except ValueError:
         n = -1
-    if not n > 0:
+    if not (n >= 0 if zero else n > 0) or n != n or n == float("inf"):
         raise ConfigError(f"{path}: [{section}] {key} = {value!r}: expected {NODE_KEYS[key]}")
     return n
 
@@ -228,6 +231,10 @@ def loadConfig(path: str | os.PathLike, identityLoader=None):
         name=name,
         connectTimeout=_number(path, "node", "connect_timeout", node["connect_timeout"]) if "connect_timeout" in node else 10.0,
         idleTimeout=_number(path, "node", "idle_timeout", node["idle_timeout"]) if "idle_timeout" in node else 3600.0,
+        drainTimeout=_number(path, "node", "drain_timeout", node["drain_timeout"], zero=True)
+        if "drain_timeout" in node else 5.0,
+        certCheckInterval=_number(path, "node", "cert_check_interval", node["cert_check_interval"], zero=True)
+        if "cert_check_interval" in node else 5.0,
     )
 
 

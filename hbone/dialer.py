@@ -32,6 +32,7 @@ class TunnelRequest:
     traceparent: str = field(default_factory=newTraceparent)
     baggage: str | None = None
     operatorFixed: bool = False  # a tcp forward target or a route: not policy-checked
+    checkedAddress: str | None = None  # the address the destination policy allowed (DirectDialer)
 
 
 def connectErrorOf(reason, what: str) -> HBoneError:
@@ -99,6 +100,7 @@ class DirectDialer:
             address = await self.policy.resolveAndCheck(
                 target.host, target.port, self.resolver, self.reactor, self.dnsTimeout
             )
+            request.checkedAddress = address  # re-checked when a reload changes the policy
         ip = ipaddress.ip_address(address)
         cls = TCP6ClientEndpoint if ip.version == 6 else TCP4ClientEndpoint
         endpoint = cls(self.reactor, str(ip), target.port, timeout=self.connectTimeout)

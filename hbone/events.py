@@ -12,7 +12,8 @@ from typing import Callable
 
 from twisted.logger import Logger
 
-__all__ = ["Events", "TunnelOpened", "TunnelClosed", "TunnelRejected", "LogObserver"]
+__all__ = ["Events", "TunnelOpened", "TunnelClosed", "TunnelRejected", "ConfigReloaded",
+           "ConfigReloadFailed", "CertificateRotated", "CertificateRotationFailed", "LogObserver"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,42 @@ class TunnelRejected:
     status: int
     error: str  # the proxy-status error token (a fixed enum, never peer-controlled)
     reason: str
+
+
+@dataclass(frozen=True)
+class ConfigReloaded:
+    """A reload (SIGHUP) was applied."""
+
+    source: str  # the config file
+    changed: tuple[str, ...]  # what took effect, e.g. ("allow", "rules")
+    ignored: tuple[str, ...]  # what changed but needs a restart, e.g. ("listeners",)
+    reset: int  # live tunnels the new configuration no longer allows, reset
+
+
+@dataclass(frozen=True)
+class ConfigReloadFailed:
+    """A reload was refused; the running configuration stays."""
+
+    source: str
+    error: str
+
+
+@dataclass(frozen=True)
+class CertificateRotated:
+    """A renewed SVID was loaded from its files; new handshakes use it."""
+
+    identity: str
+    notAfter: float  # POSIX seconds
+    source: str
+
+
+@dataclass(frozen=True)
+class CertificateRotationFailed:
+    """The certificate files changed but do not load; the old SVID stays in use."""
+
+    identity: str
+    source: str
+    error: str
 
 
 class Events:

@@ -723,11 +723,7 @@ class DestinationPolicy:
             (L{discoverLocalAddresses}). Loopback and the unspecified addresses
             are always included.
         """
-        self._deny = tuple(deny)
-        self._allow = tuple(allow)
-        self._exact = tuple(e for e in self._allow if e.kind == "exact")
-        self._cidrs = tuple(e for e in self._allow if e.kind == "cidr")
-        self._suffixes = tuple(e for e in self._allow if e.kind == "suffix")
+        self.replaceEntries(allow, deny)
         self._ownPorts: set[int] = set()
         for port in ownPorts:
             self.addOwnPort(port)
@@ -736,6 +732,15 @@ class DestinationPolicy:
         else:
             local = frozenset(_withoutScope(_toAddress(a)) for a in localAddresses) | _ALWAYS_LOCAL
         self._localAddresses: frozenset[IPAddress] = local
+
+    def replaceEntries(self, allow: Sequence[AllowEntry] = (), deny: Sequence[AllowEntry] = ()) -> None:
+        """Use these allow and deny entries from now on (a config reload); own ports
+        and local addresses stay."""
+        self._deny = tuple(deny)
+        self._allow = tuple(allow)
+        self._exact = tuple(e for e in self._allow if e.kind == "exact")
+        self._cidrs = tuple(e for e in self._allow if e.kind == "cidr")
+        self._suffixes = tuple(e for e in self._allow if e.kind == "suffix")
 
     @property
     def ownPorts(self) -> frozenset[int]:
@@ -973,6 +978,19 @@ class PeerAuthorizer:
         """
         self._localId = localId
         self._local = _meshParts(localId)
+        self._entries = tuple(_PeerEntry.parse(text) for text in allowPeers)
+
+    @staticmethod
+    def checkEntries(allowPeers: Sequence[str]) -> None:
+        """@raise ValueError: an entry is not a SPIFFE ID or pattern."""
+        for text in allowPeers:
+            _PeerEntry.parse(text)
+
+    def replaceEntries(self, allowPeers: Sequence[str] = ()) -> None:
+        """Use these ``allow_peers`` entries from now on (a config reload).
+
+        @raise ValueError: an entry is not a SPIFFE ID or pattern (nothing changes).
+        """
         self._entries = tuple(_PeerEntry.parse(text) for text in allowPeers)
 
     def _sameNamespace(self, peerId: object) -> bool:

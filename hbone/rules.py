@@ -99,6 +99,10 @@ class RuleSet:
     """Evaluates rules in SECURITY §4.2's order."""
 
     def __init__(self, rules=()) -> None:
+        self.replace(rules)
+
+    def replace(self, rules=()) -> None:
+        """Use these rules from now on (a config reload)."""
         self.rules = tuple(rules)
         self._deny = tuple(r for r in self.rules if r.action == "deny")
         self._allow = tuple(r for r in self.rules if r.action == "allow")

@@ -9,11 +9,13 @@ fails the start with a message naming it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hbone.chain import ChainDialer
 from hbone.dialer import DirectDialer
@@ -51,6 +53,8 @@ class NodeSpec:
     name: str = "hbone"
     connectTimeout: float = 10.0
     idleTimeout: float = 3600.0
+    drainTimeout: float = 5.0  # SIGTERM / stopService: live tunnels get this long to finish
+    certCheckInterval: float = 5.0  # seconds between looks at the certificate files; 0: never
     settings: ConnectionSettings = field(default_factory=ConnectionSettings)
 
 
@@ -80,11 +84,16 @@ class _ListenerService(Service):
 
         return d.addCallbacks(bound, failed)
 
+    def stopListening(self) -> defer.Deferred:
+        """Close the listening port (idempotent); live connections are untouched."""
+        if self.port is None:
+            return defer.succeed(None)
+        port, self.port = self.port, None
+        return defer.maybeDeferred(port.stopListening)
+
     def stopService(self):
         Service.stopService(self)
-        if self.port is not None:
-            port, self.port = self.port, None
-            return defer.maybeDeferred(port.stopListening)
+        return self.stopListening()
 
 
 class Node(MultiService):
@@ -140,9 +149,19 @@ class Node(MultiService):
         self.events.subscribe(LogObserver())
         self.tracker = TunnelTracker(reactor, spec.idleTimeout, events=self.events)
         self.pool = Pool(reactor, self.identity, spec.settings, spec.connectTimeout, spec.name)
+        self.certWatcher = None
+        if self.identity is not None and getattr(self.identity, "files", None) is not None:
+            from hbone.certwatch import IdentityWatcher
+
+            self.certWatcher = IdentityWatcher(reactor, self.identity, spec.certCheckInterval, self.events)
         self._dialers: dict = {}
         self.dialer = self._dialerFor(spec.hops)
         self.listeners: list[_ListenerService] = []
+        self.h2Factories: list = []  # the HTTP/2 server factories of the listeners (drain)
+        self.reloadHooks: list = []  # (NodeSpec) -> names of what changed; routes, bindings
+        self._drainWaiters: list[defer.Deferred] = []
+        self._drainSummary: dict | None = None
+        self._drainNow = None  # set while draining: ends the wait at once
         for listener in spec.listeners:
             self.listeners.append(self._buildListener(listener))
         for service in self.listeners:
@@ -183,6 +202,9 @@ class Node(MultiService):
             factory = self._proxyFactory(spec, dialer)
         else:  # pragma: no cover - urls.py refuses the rest
             raise NodeConfigError(f"-L {spec}: unsupported scheme {spec.scheme}")
+        h2 = _h2FactoryOf(factory)
+        if h2 is not None:
+            self.h2Factories.append(h2)
         return _ListenerService(spec, self._endpoint(spec), factory, self._bound)
 
     def _proxyFactory(self, spec: ListenerSpec, dialer):
@@ -258,19 +280,230 @@ class Node(MultiService):
         starts; ``await startListening()`` first to handle a bind error yourself."""
         self._bindNow()
         super().startService()
+        if self.certWatcher is not None:
+            self.certWatcher.start()
 
     def boundPorts(self) -> dict[str, int]:
         return {str(s.spec): s.port.getHost().port for s in self.listeners if s.port is not None}
 
-    def stopService(self):
-        d = defer.maybeDeferred(super().stopService)
+    # -- reload (SIGHUP) -------------------------------------------------------
 
-        def after(_):
+    def reload(self, spec: NodeSpec, source: str = "<spec>") -> dict:
+        """Apply what can change without a restart: the destination policy (allow,
+        deny), ``allow_peers``, per-stream rules, timeouts, and whatever the
+        ``reloadHooks`` apply (routes, bindings). Live tunnels that the new
+        configuration no longer allows are reset (RST_STREAM(CANCEL)) at once;
+        the rest are untouched. Listeners, chains and the identity files need a
+        restart (certificates rotate on their own: :class:`hbone.certwatch.IdentityWatcher`).
+
+        :raises NodeConfigError: ``spec`` does not validate; nothing was changed.
+        :returns: ``{"changed": [...], "ignored": [...], "reset": n}``
+        """
+        from hbone.events import ConfigReloaded
+
+        old = self.spec
+        try:
+            allow = [parseAllowEntry(a) for a in spec.allow]
+            deny = [parseAllowEntry(a) for a in spec.deny]
+        except ValueError as e:
+            raise NodeConfigError(f"allow/deny: {e}") from None
+        if spec.allowPeers != old.allowPeers and self.authorizer is None:
+            raise NodeConfigError("allow_peers: this node started without peer authorization "
+                                  "(no identity); restart to add it")
+        if self.authorizer is not None:
+            try:
+                PeerAuthorizer.checkEntries(spec.allowPeers)
+            except ValueError as e:
+                raise NodeConfigError(f"allow_peers: {e}") from None
+        changed, ignored = [], []
+        if (spec.allow, spec.deny) != (old.allow, old.deny):
+            self.policy.replaceEntries(allow, deny)
+            changed.append("allow/deny")
+        if spec.allowPeers != old.allowPeers:
+            self.authorizer.replaceEntries(spec.allowPeers)
+            changed.append("allow_peers")
+        if spec.rules != old.rules:
+            self.rules.replace(spec.rules)
+            changed.append("rules")
+        if spec.idleTimeout != old.idleTimeout:
+            self.tracker.idleTimeout = spec.idleTimeout
+            changed.append("idle_timeout")
+        if spec.drainTimeout != old.drainTimeout:
+            changed.append("drain_timeout")
+        if spec.connectTimeout != old.connectTimeout:
+            for dialer in self._dialers.values():
+                if hasattr(dialer, "connectTimeout"):
+                    dialer.connectTimeout = spec.connectTimeout
+            changed.append("connect_timeout")
+        for hook in self.reloadHooks:
+            changed.extend(hook(spec))
+        if _listenerKey(spec.listeners) != _listenerKey(old.listeners):
+            ignored.append("listeners")
+        if spec.hops != old.hops:
+            ignored.append("chain")
+        if spec.name != old.name:
+            ignored.append("name")
+        if spec.settings != old.settings:
+            ignored.append("settings")
+        self.spec = replace(old, allow=spec.allow, deny=spec.deny, allowPeers=spec.allowPeers,
+                            rules=spec.rules, idleTimeout=spec.idleTimeout, drainTimeout=spec.drainTimeout,
+                            connectTimeout=spec.connectTimeout, certCheckInterval=spec.certCheckInterval)
+        reset = self.recheckTunnels()
+        self.log.info("reloaded {source}: {changed}{ignored}; {reset} live tunnels reset",
+                      source=source, changed=", ".join(changed) or "nothing changed",
+                      ignored=f" (not applied, restart needed: {', '.join(ignored)})" if ignored else "",
+                      reset=reset)
+        self.events.emit(ConfigReloaded(source, tuple(changed), tuple(ignored), reset))
+        return {"changed": changed, "ignored": ignored, "reset": reset}
+
+    def reloadFromFile(self, path) -> dict | None:
+        """SIGHUP: read ``path`` again and :meth:`reload`; a file that does not
+        validate is refused with the error logged, and the running one stays."""
+        from hbone.config import ConfigError, loadConfig
+        from hbone.events import ConfigReloadFailed
+
+        try:
+            spec = loadConfig(path)
+            return self.reload(spec, str(path))
+        except (ConfigError, NodeConfigError) as e:
+            self.log.error("reload of {path} refused, the running configuration stays: {error}",
+                           path=str(path), error=str(e))
+            self.events.emit(ConfigReloadFailed(str(path), str(e)))
+            return None
+
+    def recheckTunnels(self) -> int:
+        """Reset every live tunnel the current policy, peer authorizer or rules no
+        longer allow; returns how many."""
+        n = 0
+        for tunnel in list(self.tracker.tunnels):
+            why = self._denial(tunnel.info)
+            if why is not None:
+                self.log.info("resetting tunnel {source} -> {target} ({peer}): no longer allowed: {why}",
+                              source=tunnel.info.get("source"), target=tunnel.info.get("target"),
+                              peer=tunnel.info.get("peer"), why=why)
+                tunnel.abort(f"revoked by reload: {why}")
+                n += 1
+        return n
+
+    def _denial(self, info: dict) -> str | None:
+        from hbone.policy import DestinationDenied
+
+        request = info.get("request")
+        if request is None:
+            return None
+        peer = request.peerIdentity
+        if info.get("direction") == "inbound" and peer is not None:
+            if self.authorizer is not None and not self.authorizer.isAllowed(peer):
+                return self.authorizer.explain(peer)
+            if self.rules:
+                why = self.rules.check(peer, request.target.host, request.target.port)
+                if why is not None:
+                    return why
+        if request.checkedAddress is not None and not request.operatorFixed:
+            hostname = None if request.target.ip is not None else request.target.host
+            try:
+                self.policy.checkAddress(request.checkedAddress, request.target.port, hostname)
+            except DestinationDenied as e:
+                return str(e)
+        return None
+
+    def drain(self, timeout: float | None = None) -> defer.Deferred:
+        """Stop gracefully (PROTOCOL §3): close the listening ports, send every HTTP/2
+        server connection GOAWAY(2^31-1) then GOAWAY(last id), let live tunnels
+        finish for up to ``timeout`` seconds (``NodeSpec.drainTimeout``), then
+        RST_STREAM(CANCEL) and abort what is left. Fires with a summary dict
+        (``finished``, ``reset``, ``seconds``). Called again while draining, it
+        returns the same drain; :meth:`drainNow` ends the wait early."""
+        if self._drainSummary is not None:
+            return defer.succeed(self._drainSummary)
+        d = defer.Deferred()
+        self._drainWaiters.append(d)
+        if len(self._drainWaiters) == 1:
+            def done(result):
+                if not isinstance(result, Failure):
+                    self._drainSummary = result
+                waiters, self._drainWaiters = self._drainWaiters, []
+                for w in waiters:
+                    w.errback(result) if isinstance(result, Failure) else w.callback(result)
+
+            defer.Deferred.fromCoroutine(
+                self._drain(self.spec.drainTimeout if timeout is None else timeout)).addBoth(done)
+        return d
+
+    def drainNow(self) -> None:
+        """End a drain's wait at once (a second SIGTERM): what is left is reset."""
+        if self._drainNow is not None and not self._drainNow.called:
+            self._drainNow.callback(None)
+
+    def _liveConnections(self) -> int:
+        return sum(len(f.connections) for f in self.h2Factories)
+
+    async def _drain(self, timeout: float) -> dict:
+        clock = self.reactor
+        started = clock.seconds()
+        for service in self.listeners:
+            await service.stopListening()
+        for factory in self.h2Factories:
+            factory.drain()
+        tunnels = len(self.tracker.tunnels)
+        opened = self.tracker.opened
+        if tunnels or self._liveConnections():
+            self.log.info("draining: {n} tunnels, {c} HTTP/2 connections; up to {t:g}s for them to finish",
+                          n=tunnels, c=self._liveConnections(), t=timeout)
+        self._drainNow = defer.Deferred()
+        deadline = started + timeout
+        while (self.tracker.tunnels or self._liveConnections()) and not self._drainNow.called:
+            left = deadline - clock.seconds()
+            if left <= 0:
+                break
+            tick = deferLater(clock, min(0.05, left), lambda: None)
+            await defer.DeferredList([tick, self._drainNow], fireOnOneCallback=True, consumeErrors=True)
+            if not tick.called:
+                tick.cancel()
+        reset = len(self.tracker.tunnels)
+        if reset:
+            self.tracker.abortAll(f"drain deadline ({timeout:g}s)")
+        for factory in self.h2Factories:
+            for conn in list(factory.connections):
+                conn.cancelStreams()
+        summary = {
+            "finished": tunnels + (self.tracker.opened - opened) - reset,
+            "reset": reset,
+            "seconds": round(clock.seconds() - started, 3),
+        }
+        if tunnels or reset:
+            self.log.info("drained in {seconds:.1f}s: {finished} tunnels finished, {reset} reset at the deadline",
+                          **summary)
+        return summary
+
+    def stopService(self):
+        """Drain (up to ``drainTimeout``), then stop: what still runs is aborted."""
+
+        async def stop():
+            if self.certWatcher is not None:
+                self.certWatcher.stop()
+            await self.drain()
+            await defer.maybeDeferred(super(Node, self).stopService)
             self.tracker.abortAll("node stopping")
             self.tracker.stop()
             if self.pool is not None:
-                return self.pool.closeAll()
+                await self.pool.closeAll()
 
-        return d.addCallback(after)
+        return defer.Deferred.fromCoroutine(stop())
 
 
+def _listenerKey(listeners) -> tuple:
+    return tuple((l.scheme, l.host, l.port, l.target, l.options, l.credentials, l.chain) for l in listeners)
+
+
+def _h2FactoryOf(factory):
+    """The :class:`HBoneH2Factory` inside a listener's factory (TLS wraps it), if any."""
+    from hbone.h2.connection import HBoneH2Factory
+
+    seen = 0
+    while factory is not None and seen < 4:
+        if isinstance(factory, HBoneH2Factory):
+            return factory
+        factory = getattr(factory, "wrappedFactory", None)
+        seen += 1
+    return None

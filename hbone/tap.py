@@ -26,6 +26,7 @@ class Options(usage.Options):
         ["ca", None, None, "trust bundle of our trust domain (PEM)"],
         ["connect-timeout", None, 10.0, "upstream TCP connect timeout, seconds", float],
         ["idle-timeout", None, 3600.0, "tunnel idle timeout, seconds", float],
+        ["drain-timeout", None, 5.0, "on SIGTERM, seconds live tunnels get to finish", float],
     ]
 
     def __init__(self) -> None:
@@ -97,6 +98,7 @@ class Options(usage.Options):
             allowPeers=tuple(self["allowPeers"]),
             connectTimeout=self["connect-timeout"],
             idleTimeout=self["idle-timeout"],
+            drainTimeout=max(0.0, self["drain-timeout"]),
         )
 
 
@@ -108,7 +110,16 @@ def makeService(options: Options):
 
     raiseFileLimit()
 
+    from twisted.application.service import MultiService
+
+    from hbone.signals import SignalService
+
     try:
-        return Node(reactor, options["spec"])
+        node = Node(reactor, options["spec"])
     except NodeConfigError as e:
         raise usage.UsageError(str(e)) from None
+    # SIGTERM drains and exits 0, SIGHUP reloads --config (hbone.signals)
+    top = MultiService()
+    node.setServiceParent(top)
+    SignalService(reactor, [node], options["config"]).setServiceParent(top)
+    return top

@@ -172,6 +172,8 @@ class Identity:
             for cert in certs:
                 self._anchors.setdefault(_fingerprint(cert), set()).add(td)
         self._contexts: dict[tuple, SSL.Context] = {}
+        self.files: tuple | None = None  # (chain, key, roots, federated) when loaded from files
+        self.generation = 0  # bumped by rotate(): creators holding a context rebuild it
 
     @property
     def trustDomain(self) -> str:
@@ -228,7 +230,36 @@ class Identity:
         )
         if leafKey != ownKey:
             raise IdentityConfigError(f"{key} does not match the certificate in {certChain}")
-        return cls(chain, privateKey, bundles, allowTLS12=allowTLS12, source=str(certChain))
+        identity = cls(chain, privateKey, bundles, allowTLS12=allowTLS12, source=str(certChain))
+        identity.files = (certChain, key, roots, dict(federated or {}))
+        return identity
+
+    def reloaded(self) -> "Identity":
+        """A new Identity from the same files (for rotation); this one is unchanged.
+
+        :raises IdentityConfigError: the files do not load, or hold another SPIFFE ID."""
+        if self.files is None:
+            raise IdentityConfigError(f"{self.source}: not loaded from files; nothing to reload")
+        chain, key, roots, federated = self.files
+        new = Identity.fromFiles(chain, key, roots, federated, allowTLS12=self.allowTLS12)
+        if new.localId != self.localId:
+            raise IdentityConfigError(
+                f"{chain}: the new certificate is for {new.localId}, not {self.localId}; "
+                f"restart to change identity"
+            )
+        return new
+
+    def rotate(self, new: "Identity") -> None:
+        """Use ``new``'s certificate, key and trust bundles for every handshake from
+        now on; connections already made keep theirs (PROTOCOL §2)."""
+        if new.localId != self.localId:
+            raise IdentityConfigError(f"cannot rotate {self.localId} to another identity ({new.localId})")
+        self.chain = list(new.chain)
+        self._key = new._key
+        self.trustBundles = {td: list(certs) for td, certs in new.trustBundles.items()}
+        self._anchors = dict(new._anchors)
+        self._contexts = {}
+        self.generation += 1
 
     @classmethod
     def fromDirectory(cls, directory: str | os.PathLike, **kw) -> "Identity":
@@ -508,9 +539,15 @@ class ServerAuthClientCreator:
         if not name:
             raise IdentityConfigError("server-auth TLS needs a server name")
         self.serverName = name if _isIPAddress(name) else name.lower().rstrip(".")
+        self._args = (caFile, identity, alpn, allowTLS12)
+        self._generation = identity.generation if identity is not None else 0
         self.context = serverAuthClientContext(caFile, identity, alpn, allowTLS12)
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        identity = self._args[1]
+        if identity is not None and identity.generation != self._generation:  # rotated
+            self._generation = identity.generation
+            self.context = serverAuthClientContext(*self._args)
         conn = SSL.Connection(self.context, None)
         state = VerifyState(role="client", expectedName=self.serverName)
         conn.set_app_data(state)

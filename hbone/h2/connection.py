@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import struct
+import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -65,6 +66,7 @@ __all__ = [
 ]
 
 MAX_STREAM_ID = 2**31 - 1
+_DRAIN_PING = b"hbdrain1"  # the opaque data of the drain's PING (its ACK ends the first phase)
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class ConnectionSettings:
     pingTimeout: float = 20.0
     idleTimeout: float | None = None  # connection with no streams; None: role default
     goAwayLinger: float = 1.0
+    drainGoAwayDelay: float = 1.0  # drain: first GOAWAY -> second, unless a PING returns sooner
 
     def withIdle(self, role: str) -> "ConnectionSettings":
         if self.idleTimeout is not None:
@@ -574,6 +577,8 @@ class HBoneH2Protocol(Protocol):
         self._idleSince: float | None = None
         self._closeTimer = None
         self.reserved = 0  # client: streams promised to callers but not yet opened
+        self.draining = False  # drain() began: the first GOAWAY (2^31-1) is out
+        self._drainTimer = None
         # pool hooks
         self.onCapacity: Callable[["HBoneH2Protocol"], None] | None = None
         self.onGoingAway: Callable[["HBoneH2Protocol"], None] | None = None
@@ -953,6 +958,9 @@ class HBoneH2Protocol(Protocol):
                 self._sendStream(stream)
 
     def _onPingAck(self, event: PingAckReceived) -> None:
+        if event.ping_data == _DRAIN_PING:
+            self._drainFinalGoAway()
+            return
         self._pingSentAt = None
         self._schedule()
 
@@ -1224,6 +1232,45 @@ class HBoneH2Protocol(Protocol):
             self._flush()
             self.transport.write(frame.serialize())
 
+    def drain(self) -> None:
+        """Server role: close gracefully (PROTOCOL §3 "GOAWAY and drain").
+
+        GOAWAY(NO_ERROR, 2^31-1) at once, so the peer stops opening streams here;
+        then, after a PING round trip (or ``drainGoAwayDelay``, whichever comes
+        first), GOAWAY(NO_ERROR, the last stream processed): streams opened after
+        that get RST_STREAM(REFUSED_STREAM), the rest run to completion, and the
+        connection closes once the last one ends. The deadline for that is the
+        caller's (:meth:`hbone.service.Node.drain`)."""
+        if self.closed or self.draining or self.transport is None:
+            return
+        self.draining = True
+        self.goAway(ErrorCodes.NO_ERROR, MAX_STREAM_ID)
+        if self.ready and not self._h2Closed:
+            self._conn.ping(_DRAIN_PING)
+            self._flush()
+        self._drainTimer = self.clock.callLater(self.settings.drainGoAwayDelay, self._drainFinalGoAway)
+
+    def _drainFinalGoAway(self) -> None:
+        if self._drainTimer is not None and self._drainTimer.active():
+            self._drainTimer.cancel()
+        self._drainTimer = None
+        if self.closed or not self.draining or self.goingAway:
+            return
+        self.goAway(ErrorCodes.NO_ERROR, self._lastProcessed)
+        self._setGoingAway()
+        if not self.streams:
+            self.loseConnection()
+
+    def cancelStreams(self) -> None:
+        """RST_STREAM(CANCEL) every stream still open, then close (the end of a drain)."""
+        for stream in list(self.streams.values()):
+            if not stream.closed:
+                stream._reset(ErrorCodes.CANCEL)
+        self._setGoingAway()
+        self.loseConnection()
+        if self._closeTimer is None and not self.closed:
+            self._closeTimer = self.clock.callLater(self.settings.goAwayLinger, self._forceClose)
+
     def _closeAfterGoAway(self) -> None:
         self._setGoingAway()
         for stream in list(self.streams.values()):
@@ -1321,6 +1368,12 @@ class HBoneH2Protocol(Protocol):
         if self._closeTimer is not None and self._closeTimer.active():
             self._closeTimer.cancel()
         self._closeTimer = None
+        if self._drainTimer is not None and self._drainTimer.active():
+            self._drainTimer.cancel()
+        self._drainTimer = None
+        factory = getattr(self, "factory", None)
+        if factory is not None:
+            factory.connections.discard(self)
         failure = self._failure or reason
         if not self.ready:
             rf = self._readyFailure(failure)
@@ -1382,6 +1435,12 @@ class HBoneH2Factory(Factory):
         self.gate = gate
         self.processLimits = processLimits
         self.rejections = RejectionLog(clock)
+        self.connections: weakref.WeakSet[HBoneH2Protocol] = weakref.WeakSet()  # live ones (drain)
+
+    def drain(self) -> None:
+        """Drain every live connection of this factory (see :meth:`HBoneH2Protocol.drain`)."""
+        for conn in list(self.connections):
+            conn.drain()
 
     def buildProtocol(self, addr):
         p = HBoneH2Protocol(
@@ -1397,4 +1456,5 @@ class HBoneH2Factory(Factory):
             rejections=self.rejections,
         )
         p.factory = self
+        self.connections.add(p)
         return p

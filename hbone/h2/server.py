@@ -247,6 +247,7 @@ class TunnelServer:
                 "source": request.source,
                 "target": request.target.authority(),
                 "traceparent": request.traceparent,
+                "request": request,  # re-checked when a reload changes policy or rules
             },
         )
 

@@ -522,7 +522,7 @@ class ProxyListenerProtocol(SpliceProtocol):
         factory = self.factory
         request = TunnelRequest(target=target, source=self.source, operatorFixed=False)
         info = {"direction": "outbound", "source": self.source, "target": target.authority(),
-                "traceparent": request.traceparent, "listener": factory.name}
+                "traceparent": request.traceparent, "listener": factory.name, "request": request}
 
         def connected(outbound) -> None:
             self.phase = SPLICED
