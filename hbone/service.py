@@ -466,6 +466,10 @@ class Node(MultiService):
         for factory in self.h2Factories:
             for conn in list(factory.connections):
                 conn.cancelStreams()
+        # let the RST_STREAMs and close_notify reach the sockets (the reactor stops next)
+        linger = clock.seconds() + self.spec.settings.goAwayLinger + 0.5
+        while self._liveConnections() and clock.seconds() < linger:
+            await deferLater(clock, 0.02, lambda: None)
         summary = {
             "finished": tunnels + (self.tracker.opened - opened) - reset,
             "reset": reset,

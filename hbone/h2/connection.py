@@ -1300,6 +1300,10 @@ class HBoneH2Protocol(Protocol):
         TLS shutdown (so never closes) while a producer is registered."""
         if self.transport is None or self.closed:
             return
+        if not self._h2Closed:
+            pending = self._conn.data_to_send()  # e.g. the END_STREAM that ended the last stream
+            if pending:
+                self.transport.write(pending)
         if self._registered:
             self._registered = False
             self.transport.unregisterProducer()
