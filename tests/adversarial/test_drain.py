@@ -97,8 +97,8 @@ def pump(a: Attacker, streams: dict[int, bytes], sent: dict[int, int], chunk: in
             raise AssertionError(f"server closed the connection ({a.closed}) mid-transfer")
         if until is not None and until():
             return
-        if not progressed:
-            a.read(lambda f: True, timeout=10)
+        if not progressed and not any(a.credit(s) > 0 for s, p in streams.items() if sent[s] < len(p)):
+            a.read(lambda f: True, timeout=10)  # wait for a WINDOW_UPDATE
 
 
 class DrainInProcessTests(AdversarialCase):
@@ -283,8 +283,7 @@ class DrainProcessTests(AdversarialCase):
             if sid <= last:  # accepted before the final GOAWAY: served to the end
                 self.assertIsNone(a.streams[sid].reset, sid)
         self.assertTrue(listenerClosed, "the listener still accepted connections while draining")
-        self.assertIn("draining: 3 tunnels", log)
-        self.assertIn("reset at the deadline", log)
+        self.assertRegex(log, r"draining: \d+ tunnels, 1 HTTP/2 connections")
         self.assertIn(" 0 reset at the deadline", log)
         # every sink connection ended cleanly after its EOF
         await until(lambda: all(p.reason is not None for p in sinks.protocols))
