@@ -114,12 +114,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="upstream TCP connect timeout (default 10)")
     p.add_argument("--idle-timeout", type=float, default=3600.0, metavar="SECONDS",
                    help="reset a tunnel with no bytes either way for this long (default 3600)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="run N worker processes sharing every listening port (SO_REUSEPORT), for "
+                        "a node that outgrows one core; ports must be fixed (default 1)")
+    p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)  # set by the supervisor
     p.add_argument("--drain-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="on SIGTERM, how long live tunnels get to finish before they are reset (default 5)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     p.add_argument("--version", action="version", version=f"hbone {__version__}")
     return p
+
+
+_LOG_PREFIX = ["hbone"]  # "hbone[2]" in worker 2 of --workers
 
 
 def _startLogging(verbose: bool, quiet: bool) -> None:
@@ -132,7 +139,7 @@ def _startLogging(verbose: bool, quiet: bool) -> None:
         ns = event.get("log_namespace", "")
         if (ns.startswith("twisted.") or ns == "log_legacy") and event["log_level"] < LogLevel.warn:
             return  # Twisted's own port/factory chatter
-        sys.stderr.write(f"hbone: {text}\n")
+        sys.stderr.write(f"{_LOG_PREFIX[0]}: {text}\n")
         sys.stderr.flush()
 
     predicate = LogLevelFilterPredicate(defaultLogLevel=level)
@@ -241,6 +248,19 @@ def _run(reactor, nodes, ready, configPath=None) -> int:
     return status["code"]
 
 
+def _withoutWorkers(argv: list[str]) -> list[str]:
+    """The command line a worker runs: the same, without --workers N."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "certs":
@@ -276,6 +296,20 @@ def main(argv: list[str] | None = None) -> int:
             spec, hops = _specFromOptions(options)
         except ValueError as e:
             return _fail(str(e))
+    from hbone.workers import checkWorkers
+
+    try:
+        checkWorkers(options.workers, spec.listeners)
+    except ValueError as e:
+        return _fail(str(e))
+    if options.worker:
+        from dataclasses import replace
+
+        spec = replace(spec, reusePort=True)
+        _LOG_PREFIX[0] = f"hbone[{options.worker}]"
+        from hbone.workers import exitWithSupervisor
+
+        exitWithSupervisor()
     from hbone.service import Node, NodeConfigError
     from twisted.internet import reactor
 
@@ -283,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         node = Node(reactor, spec)
     except NodeConfigError as e:
         return _fail(str(e))
+    if options.workers > 1 and not options.worker:  # checked above: the workers run this node
+        from hbone.workers import runWorkers
+
+        return runWorkers(_withoutWorkers(argv), options.workers)
     _startLogging(options.verbose, options.quiet)
     identity = spec.identity
     if identity is not None:

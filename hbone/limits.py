@@ -217,8 +217,9 @@ class LimitedPort(tcp.Port):
 
     def __init__(self, port: int, factory, backlog: int = 50, interface: str = "", reactor=None,
                  gate: ListenerGate | None = None, emfilePause: float = 1.0,
-                 logInterval: float = 10.0) -> None:
+                 logInterval: float = 10.0, reusePort: bool = False) -> None:
         super().__init__(port, factory, backlog, interface, reactor)
+        self.reusePort = reusePort  # SO_REUSEPORT: worker processes share the port (--workers)
         self.gate = gate if gate is not None else getattr(factory, "listenerGate", None)
         self.emfilePause = emfilePause
         self.rejections = RejectionLog(self.reactor, logInterval)
@@ -226,6 +227,12 @@ class LimitedPort(tcp.Port):
         self.resourceErrors = 0
         self._pausedBy: set[str] = set()
         self._resumeCall = None
+
+    def createInternetSocket(self):
+        s = super().createInternetSocket()
+        if self.reusePort:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return s
 
     def startListening(self) -> None:
         super().startListening()

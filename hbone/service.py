@@ -55,6 +55,7 @@ class NodeSpec:
     idleTimeout: float = 3600.0
     drainTimeout: float = 5.0  # SIGTERM / stopService: live tunnels get this long to finish
     certCheckInterval: float = 5.0  # seconds between looks at the certificate files; 0: never
+    reusePort: bool = False  # SO_REUSEPORT on every listener (worker processes, hbone --workers)
     settings: ConnectionSettings = field(default_factory=ConnectionSettings)
 
 
@@ -184,7 +185,8 @@ class Node(MultiService):
         return dialer
 
     def _endpoint(self, spec: ListenerSpec):
-        return LimitedServerEndpoint(self.reactor, spec.port, backlog=1024, interface=spec.host)
+        return LimitedServerEndpoint(self.reactor, spec.port, backlog=1024, interface=spec.host,
+                                     reusePort=self.spec.reusePort)
 
     def _buildListener(self, spec: ListenerSpec) -> _ListenerService:
         dialer = self._dialerFor(spec.chain) if spec.chain is not None else self.dialer
