@@ -35,6 +35,8 @@ class SignalHandlers:
     def install(self) -> None:
         for sig, handler in ((signal.SIGTERM, self._onStop), (signal.SIGINT, self._onStop),
                              (signal.SIGHUP, self._onHangup)):
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # ignored by whoever started us (a shell's '&', nohup): keep it so
             self._previous[sig] = signal.signal(sig, handler)
 
     def uninstall(self) -> None:

@@ -179,12 +179,19 @@ def _mintIdentities(tmp_path: Path) -> dict[str, Path]:
     return out
 
 
+def _defaultSigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class _Proc:
     """A child process whose stderr is collected; killed and reaped at the end."""
 
     def __init__(self, args, cwd=None, env=None):
+        # Ctrl-C is what stop() sends: a suite started in the background (SIGINT
+        # ignored, as a shell does for '&') must not pass that on to the child
         self.p = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, env={**(env or os.environ), "PYTHONUNBUFFERED": "1"})
+                                  text=True, env={**(env or os.environ), "PYTHONUNBUFFERED": "1"},
+                                  preexec_fn=_defaultSigint)
         self.lines: list[str] = []
         self._t = threading.Thread(target=self._read, daemon=True)
         self._t.start()

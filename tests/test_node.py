@@ -273,7 +273,8 @@ def test_hboneConnect_stdinStdout(tmp_path):
     server = subprocess.Popen(
         [sys.executable, "-m", "hbone.cli", "--certs", str(tmp_path / "ids/server"),
          "--allow", f"127.0.0.1:{echo.port}", "-L", f"hbone://127.0.0.1:{hp}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # stopped with SIGINT below
     try:
         for line in server.stdout:
             if "ready:" in line:
