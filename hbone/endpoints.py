@@ -15,6 +15,15 @@ written ``\\:`` and a backslash ``\\\\``, as ``quoteStringArgument`` writes them
               comma separates several; without it any SVID of our trust domain is
               accepted and logged
 ``method``    ``connect`` (default) or ``post`` (the ``POST /_hbone/`` form)
+``tls``       ``mtls`` (default: SPIFFE mutual TLS) or ``server``: toward an L7 load
+              balancer that terminates TLS, server-auth TLS checked by DNS name (or IP)
+              and a bearer JWT-SVID from ``token``; an identity (``certs``) is then
+              optional and only presented if the load balancer asks for one
+``token``     ``@FILE``: a file holding the JWT-SVID sent as ``authorization: Bearer``
+              (``tls=server``; never the token itself in the string)
+``servername`` ``tls=server``: the name the certificate must carry (default: ``host``)
+``cafile``    ``tls=server``: the CA bundle (PEM) the load balancer's chain must reach
+              (default: the system's)
 
 Endpoints parsed for the same reactor and the same identity files share one
 :class:`hbone.h2.client.Pool`, so their tunnels to one peer ride one mTLS HTTP/2
@@ -42,7 +51,8 @@ EXAMPLE = (
     r":identity=spiffe\://cluster.local/ns/default/sa/server"
 )
 
-FIELDS = ("host", "port", "target", "certs", "cert", "key", "ca", "identity", "method")
+FIELDS = ("host", "port", "target", "certs", "cert", "key", "ca", "identity", "method", "tls", "token",
+          "servername", "cafile")
 
 
 class EndpointStringError(ValueError):
@@ -59,7 +69,9 @@ _pools: dict[object, dict[tuple, tuple]] = {}
 _triggers: dict[object, object] = {}
 
 
-def _identityKey(certs, cert, key, ca) -> tuple:
+def _identityKey(certs, cert, key, ca, required: bool = True) -> tuple:
+    if certs is None and cert is None and key is None and ca is None and not required:
+        return ("none",)
     if certs is not None:
         if cert is not None or key is not None or ca is not None:
             raise _fail("give certs= or cert=, key= and ca=, not both")
@@ -82,7 +94,9 @@ def _sharedPool(reactor, identityKey: tuple):
     entry = _pools.get(reactor, {}).get(identityKey)
     if entry is None:
         try:
-            if identityKey[0] == "certs":
+            if identityKey[0] == "none":
+                identity = None
+            elif identityKey[0] == "certs":
                 identity = Identity.fromDirectory(identityKey[1])
             else:
                 identity = Identity.fromFiles(*identityKey[1:])
@@ -180,12 +194,30 @@ def parseClient(reactor, *args: str, **kwargs: str):
     method = kwargs.get("method", "connect").lower()
     if method not in ("connect", "post"):
         raise _fail(f"method={kwargs['method']!r}: expected connect or post")
-    key = _identityKey(kwargs.get("certs"), kwargs.get("cert"), kwargs.get("key"), kwargs.get("ca"))
+    tls = kwargs.get("tls", "mtls").lower()
+    if tls not in ("mtls", "server"):
+        raise _fail(f"tls={kwargs['tls']!r}: expected mtls (default) or server")
+    token = kwargs.get("token")
+    if token is not None and (not token.startswith("@") or len(token) < 2):
+        raise _fail("token= takes @FILE (a file holding the JWT-SVID), never the token itself")
+    if tls == "mtls":
+        for name in ("token", "servername", "cafile"):
+            if kwargs.get(name) is not None:
+                raise _fail(f"{name}= applies to tls=server (toward a TLS-terminating load balancer)")
+    elif identities is not None:
+        raise _fail("identity= needs tls=mtls; with tls=server the load balancer is checked by DNS name")
+    key = _identityKey(kwargs.get("certs"), kwargs.get("cert"), kwargs.get("key"), kwargs.get("ca"),
+                       required=tls == "mtls")
 
     from hbone.h2.client import HBoneClientEndpoint, HBoneHop
 
     pool = _sharedPool(reactor, key)
-    return HBoneClientEndpoint(pool, HBoneHop(host, port, identities, method), target)
+    try:
+        hop = HBoneHop(host, port, identities, method, tls=tls, token=token[1:] if token else None,
+                       serverName=kwargs.get("servername"), caFile=kwargs.get("cafile"))
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    return HBoneClientEndpoint(pool, hop, target)
 
 
 @implementer(IPlugin, IStreamClientEndpointStringParserWithReactor)

@@ -190,6 +190,11 @@ def _string(ids, **fields) -> str:
     ({"certs": "/nonexistent/hbone"}, ["certs=", "/nonexistent/hbone", "not a directory"]),
     ({"certs": None, "cert": "/x.pem"}, ["key= and ca= missing"]),
     ({"cert": "/x.pem"}, ["certs= or cert=, key= and ca=, not both"]),
+    ({"tls": "none"}, ["tls='none'", "mtls (default) or server"]),
+    ({"tls": "server"}, ["identity= needs tls=mtls"]),
+    ({"token": "@/run/jwt"}, ["token= applies to tls=server"]),
+    ({"tls": "server", "identity": None, "token": "eyJhbGciOi"}, ["token= takes @FILE", "never the token itself"]),
+    ({"cafile": "/ca.pem"}, ["cafile= applies to tls=server"]),
 ])
 def test_malformedStringNamesTheField(ids, fields, expected):
     description = _string(ids, **fields)
@@ -217,6 +222,18 @@ def test_stringFields(ids):
              for k, n in (("cert", "cert-chain.pem"), ("key", "key.pem"), ("ca", "root-cert.pem"))}
     ep = clientFromString(clock, _string(ids, certs=None, **files))
     assert str(ep.pool.identity.localId) == pki.CLIENT_ID
+
+
+def test_stringFields_towardATLSTerminatingLoadBalancer(ids):
+    clock = MemoryReactorClock()
+    ep = clientFromString(clock, _string(ids, identity=None, certs=None, tls="server", token="@/run/hbone/jwt",
+                                         servername="lb.example", cafile="/etc/lb-ca.pem", method="post"))
+    hop = ep.hop
+    assert (hop.tls, hop.token, hop.serverName, hop.caFile, hop.method) == (
+        "server", "/run/hbone/jwt", "lb.example", "/etc/lb-ca.pem", "post")
+    assert ep.pool.identity is None  # no SVID needed toward the load balancer
+    ep = clientFromString(clock, _string(ids, identity=None, tls="server"))
+    assert str(ep.pool.identity.localId) == pki.CLIENT_ID  # presented if the balancer asks
 
 
 def test_endpointsShareOnePoolPerReactorAndIdentity(ids):
@@ -353,7 +370,7 @@ class EndpointStringTunnels(unittest.TestCase):
         base = {"host": "127.0.0.1", "port": self.hbonePort, "target": f"127.0.0.1\\:{self.echoPort}",
                 "certs": quoteStringArgument(str(self.ids["client"])), "identity": SERVER_ID_ESCAPED}
         base.update(fields)
-        return clientFromString(reactor, "hbone:" + ":".join(f"{k}={v}" for k, v in base.items()))
+        return clientFromString(reactor, "hbone:" + ":".join(f"{k}={v}" for k, v in base.items() if v != ""))
 
     async def roundTrip(self, endpoint, payload: bytes) -> bytes:
         proto = await endpoint.connect(Factory.forProtocol(lambda: Client(payload)))
@@ -371,6 +388,22 @@ class EndpointStringTunnels(unittest.TestCase):
             ])
             self.assertEqual(got, [payload, b"post form"])
             self.assertEqual(ep1.pool.connectionsOpened, 1)
+
+        return defer.Deferred.fromCoroutine(go())
+
+    def test_serverAuthTLS_checksTheNameAndCarriesTheTunnel(self):
+        """tls=server: the peer is checked by name against cafile= (here the node's own
+        listener, whose certificate carries IP 127.0.0.1), not by SPIFFE ID."""
+
+        async def go():
+            await self.serve()
+            ca = quoteStringArgument(str(self.ids["client"] / "root-cert.pem"))
+            ep = self.endpoint(identity="", tls="server", cafile=ca)
+            self.assertEqual(await self.roundTrip(ep, b"by name"), b"by name")
+            wrong = self.endpoint(identity="", tls="server", cafile=ca, servername="lb.example")
+            with self.assertRaises(hbone.HopIdentityError) as caught:
+                await self.roundTrip(wrong, b"x")
+            self.assertIn("lb.example", str(caught.exception))
 
         return defer.Deferred.fromCoroutine(go())
 
