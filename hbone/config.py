@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hbone.urls import HopSpec, ListenerSpec, URLError, parseHop, parseListener
 
-__all__ = ["ConfigError", "loadConfig", "NODE_KEYS", "LISTENER_KEYS", "CHAIN_KEYS", "RULE_KEYS"]
+__all__ = ["ConfigError", "loadConfig", "NODE_KEYS", "LISTENER_KEYS", "CHAIN_KEYS", "RULE_KEYS", "ROUTE_KEYS"]
 
 #: [node] keys and what each expects.
 NODE_KEYS = {
@@ -46,6 +46,15 @@ RULE_KEYS = {
     "peers": "SPIFFE IDs or patterns (spiffe://td/ns/N/*) the rule applies to; absent: every peer",
     "destinations": "CIDRs, host names or .suffixes the rule applies to; absent: every destination",
     "ports": "ports or ranges, e.g. 80,443,8000-8080; absent: every port",
+}
+#: [route:NAME] keys (the route table of sni listeners, PROTOCOL §8).
+ROUTE_KEYS = {
+    "match": "the server name: an exact name, *.suffix, or * (the default route, also for hellos without one)",
+    "target": "host:port (fixed), or sni:PORT (the client's server name on PORT); absent: Istio names only, "
+              "to their <fqdn>:<port>",
+    "subset": "Istio names only: the subset this route serves (outbound_.PORT_.SUBSET_.FQDN); absent: any",
+    "chain": "the [chain:NAME] toward the target, or 'none' to dial directly; absent: the listener's chain",
+    "listener": "the [listener:NAME] (an sni:// listener) whose table this route is in; absent: every sni listener",
 }
 #: [chain:NAME] keys.
 CHAIN_KEYS = {
@@ -124,6 +133,7 @@ def loadConfig(path: str | os.PathLike, identityLoader=None):
     listeners: dict[str, dict[str, str]] = {}
     chains: dict[str, dict[str, str]] = {}
     rules: dict[str, dict[str, str]] = {}
+    routes: dict[str, dict[str, str]] = {}
     for section in parser.sections():
         kind, _, name = section.partition(":")
         if section == "node":
@@ -134,9 +144,11 @@ def loadConfig(path: str | os.PathLike, identityLoader=None):
             allowed, target = CHAIN_KEYS, chains.setdefault(name, {})
         elif kind == "rule" and name:
             allowed, target = RULE_KEYS, rules.setdefault(name, {})
+        elif kind == "route" and name:
+            allowed, target = ROUTE_KEYS, routes.setdefault(name, {})
         else:
             raise ConfigError(f"{path}: unknown section [{section}]; expected [node], "
-                              f"[listener:NAME], [chain:NAME] or [rule:NAME]")
+                              f"[listener:NAME], [chain:NAME], [rule:NAME] or [route:NAME]")
         for key, value in parser.items(section):
             if key not in allowed:
                 raise ConfigError(f"{path}: [{section}] unknown key {key!r}; expected one of "
@@ -197,7 +209,7 @@ def loadConfig(path: str | os.PathLike, identityLoader=None):
             raise ConfigError(f"{path}: [{section}] url: {e}") from None
         chain = chainOf(section, "chain", values["chain"]) if "chain" in values else None
         specs.append(replace(spec, options=_relativeOptions(base, spec.options), chain=chain,
-                             text=f"{spec.text} [{section}]"))
+                             text=f"{spec.text} [{section}]", name=name))
     if not specs:
         raise ConfigError(f"{path}: no [listener:NAME] section; a node needs at least one listener")
     name = node.get("name", "hbone")
@@ -220,7 +232,29 @@ def loadConfig(path: str | os.PathLike, identityLoader=None):
                                       _list(values.get("destinations", "")), values.get("ports", "")))
         except RuleError as e:
             raise ConfigError(f"{path}: [rule:{rname}] {e}") from None
+    from hbone.sni import RouteError, parseRoute
+
+    sniListeners = {s.name for s in specs if s.scheme == "sni"}
+    routeList = []
+    for rname, values in routes.items():
+        section = f"route:{rname}"
+        if "match" not in values:
+            raise ConfigError(f"{path}: [{section}] match: missing; expected {ROUTE_KEYS['match']}")
+        listener = values.get("listener")
+        if not sniListeners:
+            raise ConfigError(f"{path}: [{section}]: routes need an sni:// listener ([listener:NAME] "
+                              f"with url = sni://0.0.0.0:15443)")
+        if listener is not None and listener not in sniListeners:
+            raise ConfigError(f"{path}: [{section}] listener = {listener}: not an sni listener "
+                              f"({', '.join(sorted(sniListeners))})")
+        chain = chainOf(section, "chain", values["chain"]) if "chain" in values else None
+        try:
+            routeList.append(parseRoute(rname, values["match"], values.get("target", ""),
+                                        values.get("subset", ""), chain, listener))
+        except RouteError as e:
+            raise ConfigError(f"{path}: [{section}] {e}") from None
     return NodeSpec(
+        routes=tuple(routeList),
         rules=tuple(ruleList),
         listeners=tuple(specs),
         hops=defaultChain,

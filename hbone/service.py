@@ -56,6 +56,7 @@ class NodeSpec:
     drainTimeout: float = 5.0  # SIGTERM / stopService: live tunnels get this long to finish
     certCheckInterval: float = 5.0  # seconds between looks at the certificate files; 0: never
     reusePort: bool = False  # SO_REUSEPORT on every listener (worker processes, hbone --workers)
+    routes: tuple = ()  # hbone.sni.Route: the SNI listeners' route tables
     settings: ConnectionSettings = field(default_factory=ConnectionSettings)
 
 
@@ -159,7 +160,8 @@ class Node(MultiService):
         self.dialer = self._dialerFor(spec.hops)
         self.listeners: list[_ListenerService] = []
         self.h2Factories: list = []  # the HTTP/2 server factories of the listeners (drain)
-        self.reloadHooks: list = []  # (NodeSpec) -> names of what changed; routes, bindings
+        self.reloadHooks: list = [self._reloadRoutes]  # (NodeSpec) -> names of what changed
+        self._routers: list = []  # (ListenerSpec, hbone.sni.Router) of the sni listeners
         self._drainWaiters: list[defer.Deferred] = []
         self._drainSummary: dict | None = None
         self._drainNow = None  # set while draining: ends the wait at once
@@ -200,6 +202,8 @@ class Node(MultiService):
             factory = self._h2cFactory(spec, dialer)
         elif spec.scheme == "tcp":
             factory = TCPForwardFactory(spec.target, dialer, self.tracker, self.reactor, name=name)
+        elif spec.scheme == "sni":
+            factory = self._sniFactory(spec, dialer)
         elif spec.scheme in PROXY_LISTENERS:
             factory = self._proxyFactory(spec, dialer)
         else:  # pragma: no cover - urls.py refuses the rest
@@ -220,6 +224,29 @@ class Node(MultiService):
             raise NodeConfigError(f"-L {spec}: {e}") from None
         cls = {"http": HTTPProxyFactory, "auto": AutoProxyFactory}.get(spec.scheme, SOCKSProxyFactory)
         return cls(dialer, self.tracker, self.reactor, credentials=spec.credentials, name=str(spec))
+
+    def _sniFactory(self, spec: ListenerSpec, dialer):
+        from hbone.sni import Router, SNIGatewayFactory
+
+        chain = spec.chain if spec.chain is not None else self.spec.hops
+
+        def dialerFor(hops):
+            return dialer if hops is None else self._dialerFor(hops)
+
+        router = Router(self._routesFor(spec, self.spec.routes), dialerFor, implicitChain=bool(chain))
+        self._routers.append((spec, router))
+        return SNIGatewayFactory(router, self.tracker, self.reactor, name=str(spec))
+
+    @staticmethod
+    def _routesFor(spec: ListenerSpec, routes) -> tuple:
+        return tuple(r for r in routes if r.listener is None or r.listener == spec.name)
+
+    def _reloadRoutes(self, spec: NodeSpec) -> list[str]:
+        if spec.routes == self.spec.routes:
+            return []
+        for listener, router in self._routers:
+            router.replace(self._routesFor(listener, spec.routes))
+        return ["routes"]
 
     def _h2cFactory(self, spec: ListenerSpec, dialer):
         from hbone.h2.server import checkH2cSafety, h2cServerFactory
@@ -349,7 +376,8 @@ class Node(MultiService):
             ignored.append("settings")
         self.spec = replace(old, allow=spec.allow, deny=spec.deny, allowPeers=spec.allowPeers,
                             rules=spec.rules, idleTimeout=spec.idleTimeout, drainTimeout=spec.drainTimeout,
-                            connectTimeout=spec.connectTimeout, certCheckInterval=spec.certCheckInterval)
+                            connectTimeout=spec.connectTimeout, certCheckInterval=spec.certCheckInterval,
+                            routes=spec.routes)
         reset = self.recheckTunnels()
         self.log.info("reloaded {source}: {changed}{ignored}; {reset} live tunnels reset",
                       source=source, changed=", ".join(changed) or "nothing changed",

@@ -30,6 +30,7 @@ LISTENER_SCHEMES = {
     "socks4a": (frozenset(), "socks4a://:1080"),
     "auto": (frozenset(), ":8080"),
     "h2c": (frozenset({"jwks", "audience", "insecure"}), "h2c://:15009?jwks=jwks.json&audience=https://lb.example"),
+    "sni": (frozenset(), "sni://0.0.0.0:15443"),
 }
 #: Hop schemes, the options each takes, and an example.
 HOP_SCHEMES = {
@@ -41,7 +42,7 @@ HOP_SCHEMES = {
     "socks5": (frozenset(), "socks5://user:pass@proxy.example:1080"),
 }
 PROXY_LISTENERS = frozenset({"http", "socks5", "socks4", "socks4a", "auto"})
-_PLANNED = {"sni", "h2r", "rtcp", "admin"}
+_PLANNED = {"h2r", "rtcp", "admin"}
 
 
 class URLError(ValueError):
@@ -58,6 +59,7 @@ class ListenerSpec:
     credentials: tuple[str, str] | None = None
     text: str = ""
     chain: tuple["HopSpec", ...] | None = None  # None: the node's chain
+    name: str | None = None  # the config file's [listener:NAME]
 
     def option(self, key: str, default: str | None = None) -> str | None:
         for k, v in self.options:

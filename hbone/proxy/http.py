@@ -509,18 +509,19 @@ class ProxyListenerProtocol(SpliceProtocol):
         self._setTimer(self.factory.lingerTimeout, self._lingerExpired)
 
     def startTunnel(self, target: Target, leftover: bytes, reply, refusal,
-                    upstreamHead: bytes = b"") -> defer.Deferred:
+                    upstreamHead: bytes = b"", dialer=None, operatorFixed: bool = False) -> defer.Deferred:
         """Stop reading and dial ``target``. Once connected, ``reply(outbound)`` is
         written to the client, then ``upstreamHead`` and the client's buffered bytes
         to the destination, and the two are spliced. On failure ``refusal(error)``
-        is written to the client, which is then closed."""
+        is written to the client, which is then closed. ``dialer`` (default: the
+        listener's) and ``operatorFixed`` (a route's fixed target) are for the SNI gateway."""
         self._cancelTimer()
         self.phase = DIALING
         self._pending = leftover
         self.transport.pauseProducing()
         self._pausedWaiting = True
         factory = self.factory
-        request = TunnelRequest(target=target, source=self.source, operatorFixed=False)
+        request = TunnelRequest(target=target, source=self.source, operatorFixed=operatorFixed)
         info = {"direction": "outbound", "source": self.source, "target": target.authority(),
                 "traceparent": request.traceparent, "listener": factory.name, "request": request}
 
@@ -537,7 +538,7 @@ class ProxyListenerProtocol(SpliceProtocol):
         def failed(f) -> None:
             self._closeWith(refusal(f.value))
 
-        d = spliceThrough(self, factory.dialer, request, factory.tracker, info,
+        d = spliceThrough(self, dialer or factory.dialer, request, factory.tracker, info,
                           onConnected=connected, onFailed=failed)
         d.addErrback(factory._dialFailed, self._src(), target)
         return d
