@@ -235,7 +235,9 @@ class Node(MultiService):
 
         router = Router(self._routesFor(spec, self.spec.routes), dialerFor, implicitChain=bool(chain))
         self._routers.append((spec, router))
-        return SNIGatewayFactory(router, self.tracker, self.reactor, name=str(spec))
+        settings = self.spec.settings
+        return SNIGatewayFactory(router, self.tracker, self.reactor, name=str(spec),
+                                 peekTimeout=settings.sniPeekTimeout, maxPeeking=settings.sniMaxPeeking)
 
     @staticmethod
     def _routesFor(spec: ListenerSpec, routes) -> tuple:

@@ -146,20 +146,26 @@ class Router:
             self.dialerFor(r.chain)
 
     def _lookup(self, name: str | None, subset: str | None) -> Route | None:
-        def fits(r: Route) -> bool:
-            return subset is None and not r.subset or subset is not None and r.subset in ("", subset)
+        """Within each tier (exact, wildcard, default) a route naming the Istio
+        subset wins over one that serves any subset."""
+
+        def pick(candidates) -> Route | None:
+            if subset:
+                for r in candidates:
+                    if r.subset == subset:
+                        return r
+            for r in candidates:
+                if not r.subset:
+                    return r
+            return None
 
         if name is not None:
-            for r in self._exact.get(name, ()):
-                if fits(r):
-                    return r
-            for r in self._wild:
-                if name.endswith(r.match[1:]) and fits(r):
-                    return r
-        for r in self._default:
-            if fits(r):
-                return r
-        return None
+            found = pick(self._exact.get(name, ()))
+            if found is None:
+                found = pick([r for r in self._wild if name.endswith(r.match[1:])])
+            if found is not None:
+                return found
+        return pick(self._default)
 
     def route(self, serverName: str | None) -> Decision | None:
         istio = parseIstioSni(serverName) if serverName else None

@@ -103,6 +103,9 @@ class ConnectionSettings:
     # listener caps (SECURITY §4.5, §4.6), enforced by hbone.limits.ListenerGate
     maxHandshakesPerListener: int = 128
     maxConnectionsPerListener: int = 1024
+    # SNI gateway peek (SECURITY §4.5; the hello's size caps are hbone.clienthello's MAX_*)
+    sniPeekTimeout: float = 10.0  # accept -> a complete ClientHello
+    sniMaxPeeking: int = 1024  # connections still peeking per sni listener; beyond: closed at once
     # timers (seconds)
     handshakeTimeout: float = 10.0
     settingsTimeout: float = 10.0
