@@ -144,7 +144,7 @@ def test_unreadableFile(tmp_path):
     assert "cannot read" in str(e.value)
 
 
-@pytest.mark.parametrize("name", ["node.ini", "gateway.ini", "client.ini"])
+@pytest.mark.parametrize("name", ["node.ini", "gateway.ini", "client.ini", "sni-gateway.ini"])
 def test_shippedExamplesParse(name):
     spec = load(ROOT / "conf" / name)
     assert spec.listeners
@@ -159,3 +159,32 @@ def test_denyKey(tmp_path):
         url = tcp://:7000/10.0.0.5:22
     """))
     assert spec.deny == ("10.9.0.0/16:22,80", ".secret.example")
+
+
+def test_shippedSniGateway_routes():
+    spec = load(ROOT / "conf" / "sni-gateway.ini")
+    assert [(r.name, r.match, r.target) for r in spec.routes] == [
+        ("reviews", "reviews.default.svc.cluster.local", ""),
+        ("db", "db.example.com", "127.0.0.1:5432"),
+        ("shop", "*.shop.example.com", "sni:443"),
+    ]
+    assert spec.routes[1].chain == () and spec.routes[0].chain is None
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[listener:a]\nurl = tcp://:7000/10.0.0.5:22\n[route:r]\nmatch = x.example\ntarget = 10.0.0.1:443\n",
+     "routes need an sni:// listener"),
+    ("[listener:s]\nurl = sni://:15443\n[route:r]\ntarget = 10.0.0.1:443\n", "[route:r] match: missing"),
+    ("[listener:s]\nurl = sni://:15443\n[route:r]\nmatch = x.example\nlistener = t\n",
+     "[route:r] listener = t: not an sni listener (s)"),
+    ("[listener:s]\nurl = sni://:15443\n[route:r]\nmatch = x.example\ntarget = sni:https\n", "expected sni:PORT"),
+    ("[listener:s]\nurl = sni://:15443\n[route:r]\nmatch = x.example\nchain = nope\n", "no [chain:nope] section"),
+    ("[listener:s]\nurl = sni://:15443\n[route:r]\nmatch = x.example\ntagret = 1.2.3.4:5\n", "unknown key 'tagret'"),
+])
+def test_routeMistakes_areOneLine(tmp_path, text, message):
+    conf = tmp_path / "bad.ini"
+    conf.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load(conf)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
