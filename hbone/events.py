@@ -12,7 +12,8 @@ from typing import Callable
 
 from twisted.logger import Logger
 
-__all__ = ["Events", "TunnelOpened", "TunnelClosed", "TunnelRejected", "ConfigReloaded",
+__all__ = ["Events", "TunnelOpened", "TunnelClosed", "TunnelRejected", "ConnectionOpened", "ConnectionClosed",
+           "HandshakeFailed", "CONNECTION_CLOSE_REASONS", "HANDSHAKE_FAILURE_REASONS", "ConfigReloaded",
            "ConfigReloadFailed", "CertificateRotated", "CertificateRotationFailed", "LogObserver"]
 
 
@@ -24,6 +25,7 @@ class TunnelOpened:
     source: tuple | None
     target: str
     traceparent: str | None
+    setup: float | None = None  # seconds from the request to the splice, where known
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,42 @@ class TunnelRejected:
     status: int
     error: str  # the proxy-status error token (a fixed enum, never peer-controlled)
     reason: str
+
+
+@dataclass(frozen=True)
+class ConnectionOpened:
+    """An HTTP/2 connection became usable (the peer's first SETTINGS arrived)."""
+
+    role: str  # "server" (accepted) or "client" (dialed)
+    peer: str | None  # the SPIFFE ID it proved
+
+
+@dataclass(frozen=True)
+class ConnectionClosed:
+    """An HTTP/2 connection that was usable ended."""
+
+    role: str
+    peer: str | None
+    reason: str  # one of CONNECTION_CLOSE_REASONS
+    duration: float
+
+
+#: Why an HTTP/2 connection ended (a fixed set: metrics label values).
+CONNECTION_CLOSE_REASONS = ("closed", "idle", "keepalive_timeout", "drain", "goaway_error", "limit",
+                            "protocol_error", "lost")
+
+
+@dataclass(frozen=True)
+class HandshakeFailed:
+    """A connection to an HBONE listener that never became usable."""
+
+    peer: str  # "ip:port"
+    reason: str  # one of HANDSHAKE_FAILURE_REASONS
+    detail: str  # for the log, never a metrics label
+
+
+#: Why a handshake failed (a fixed set: metrics label values).
+HANDSHAKE_FAILURE_REASONS = ("certificate", "alpn", "timeout", "no_settings", "tls")
 
 
 @dataclass(frozen=True)

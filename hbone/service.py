@@ -151,6 +151,7 @@ class Node(MultiService):
         self.events.subscribe(LogObserver())
         self.tracker = TunnelTracker(reactor, spec.idleTimeout, events=self.events)
         self.pool = Pool(reactor, self.identity, spec.settings, spec.connectTimeout, spec.name)
+        self.pool.events = self.events
         self.certWatcher = None
         if self.identity is not None and getattr(self.identity, "files", None) is not None:
             from hbone.certwatch import IdentityWatcher
@@ -197,7 +198,7 @@ class Node(MultiService):
             server = TunnelServer(self.reactor, dialer, self.authorizer, self.tracker,
                                   name=self.spec.name, rules=self.rules, limits=self.processLimits)
             factory = hboneServerFactory(self.reactor, self.identity, server, self.spec.settings,
-                                         self.processLimits)
+                                         self.processLimits, events=self.events)
         elif spec.scheme == "h2c":
             factory = self._h2cFactory(spec, dialer)
         elif spec.scheme == "tcp":
@@ -266,7 +267,9 @@ class Node(MultiService):
             raise NodeConfigError(f"-L {spec}: {e}") from None
         server = TunnelServer(self.reactor, dialer, self.authorizer, self.tracker, name=self.spec.name,
                               rules=self.rules, limits=self.processLimits)
-        return h2cServerFactory(self.reactor, server, self.spec.settings, verifier, insecure)
+        factory = h2cServerFactory(self.reactor, server, self.spec.settings, verifier, insecure)
+        factory.events = self.events
+        return factory
 
     def _bound(self, service: _ListenerService, port) -> None:
         address = port.getHost()

@@ -203,6 +203,7 @@ class Tunnel:
         self._lastSeen = (0, 0)
         self._idleTicks = 0
         self.openedAt = tracker.clock.seconds() if tracker is not None else 0.0
+        self.id = 0  # set by the tracker
 
     @property
     def bytesAtoB(self) -> int:
@@ -280,13 +281,16 @@ class TunnelTracker:
     def _opened(self, tunnel: Tunnel) -> None:
         self.tunnels.add(tunnel)
         self.opened += 1
+        tunnel.id = self.opened
         if self.events is not None:
             from hbone.events import TunnelOpened
 
             info = tunnel.info
+            started = info.get("started")
             self.events.emit(TunnelOpened(
                 info.get("direction", ""), info.get("listener", ""), info.get("peer"),
                 info.get("source"), info.get("target", "?"), info.get("traceparent"),
+                tunnel.openedAt - started if started is not None else None,
             ))
         if self._sweep is None and self.idleTimeout:
             self._sweep = self.clock.callLater(self.idleTimeout / 4, self._sweepIdle)

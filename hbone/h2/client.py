@@ -187,6 +187,7 @@ class Pool:
         # every open connection, pooled or draining (left the pool on GOAWAY but
         # still carrying tunnels): closeAll must reach them all
         self._live: set = set()
+        self.events = None  # hbone.events.Events for connection opened/closed (the node sets it)
         self._serverAuthCreators: dict[tuple, object] = {}
 
     def _key(self, hop: HBoneHop) -> tuple:
@@ -315,7 +316,8 @@ class Pool:
         else:
             endpoint, alpn = wrapClientTLS(self._creator(hop), tcp), b"h2"
         localId = self.identity.localId if self.identity is not None else None
-        factory = HBoneH2Factory("client", self.reactor, self.settings, None, alpn, localId, self.name)
+        factory = HBoneH2Factory("client", self.reactor, self.settings, None, alpn, localId, self.name,
+                                 events=self.events)
         try:
             conn = await endpoint.connect(factory)
         except Exception as e:

@@ -580,6 +580,9 @@ class HBoneH2Protocol(Protocol):
         self._idleSince: float | None = None
         self._closeTimer = None
         self.reserved = 0  # client: streams promised to callers but not yet opened
+        self.events = None  # hbone.events.Events: connection opened/closed, handshake failed
+        self._closeWhy: str | None = None  # a CONNECTION_CLOSE_REASONS value, when hbone chose it
+        self._readyAt = 0.0
         self.draining = False  # drain() began: the first GOAWAY (2^31-1) is out
         self._drainTimer = None
         # pool hooks
@@ -625,6 +628,7 @@ class HBoneH2Protocol(Protocol):
                     f"negotiated, {self.expectALPN.decode()} required"
                 )
             )
+            self._closeWhy = "alpn"
             self.rejections.log(
                 "alpn",
                 "closing connection from {peer}: {reason}",
@@ -702,6 +706,7 @@ class HBoneH2Protocol(Protocol):
                 peer=_fmtPeer(self.transport),
                 what=what,
             )
+            self._closeWhy = "timeout"
             self._abort(HopUnreachable(f"{what} did not finish within the deadline", 504, "connection_timeout"))
             return
         if self.ready:
@@ -713,6 +718,7 @@ class HBoneH2Protocol(Protocol):
                         identity=str(self.peerIdentity),
                         t=self.settings.pingTimeout,
                     )
+                    self._closeWhy = "keepalive_timeout"
                     self._abort(ConnectionLost("missed PING ACK"))
                     return
             elif now >= self._lastReceived + self.settings.keepaliveInterval:
@@ -725,6 +731,7 @@ class HBoneH2Protocol(Protocol):
                 and now >= self._idleSince + self.settings.idleTimeout
             ):
                 self.log.debug("closing idle connection to {peer}", peer=_fmtPeer(self.transport))
+                self._closeWhy = "idle"
                 self.goAway(ErrorCodes.NO_ERROR)
                 self._setGoingAway()
                 self.loseConnection()
@@ -800,6 +807,7 @@ class HBoneH2Protocol(Protocol):
         # burst, PING ACKs...); none of that goes out, only the GOAWAY
         self._conn.clear_outbound_data_buffer()
         self.goAway(code, self._lastProcessed)
+        self._closeWhy = self._closeWhy or "limit"
         self._closeAfterGoAway()
 
     def _protocolError(self, error: ProtocolError) -> None:
@@ -819,12 +827,18 @@ class HBoneH2Protocol(Protocol):
         self._h2Closed = True
         self.sentGoAway = True
         self._failure = Failure(ConnectionLost(f"HTTP/2 protocol error: {error}"))
+        self._closeWhy = self._closeWhy or "protocol_error"
         self._closeAfterGoAway()
 
     def _onRemoteSettings(self, event: RemoteSettingsChanged) -> None:
         if not self.ready:
             self.ready = True
             self._deadline = None
+            self._readyAt = self.clock.seconds()
+            if self.events is not None:
+                from hbone.events import ConnectionOpened
+
+                self.events.emit(ConnectionOpened(self.role, _idText(self.peerIdentity)))
             if not self.streams:
                 self._idleSince = self.clock.seconds()
             waiters, self._readyWaiters = self._readyWaiters, []
@@ -980,6 +994,7 @@ class HBoneH2Protocol(Protocol):
                 code=name,
                 n=len(self.streams),
             )
+            self._closeWhy = "goaway_error"
             self._abort(ConnectionLost(f"peer sent GOAWAY({name})"))
             return
         # Graceful: streams above last_stream_id were not processed (retryable);
@@ -1247,6 +1262,7 @@ class HBoneH2Protocol(Protocol):
         if self.closed or self.draining or self.transport is None:
             return
         self.draining = True
+        self._closeWhy = "drain"
         self.goAway(ErrorCodes.NO_ERROR, MAX_STREAM_ID)
         if self.ready and not self._h2Closed:
             self._conn.ping(_DRAIN_PING)
@@ -1361,6 +1377,38 @@ class HBoneH2Protocol(Protocol):
             )
         )
 
+    def _emitClosed(self, failure: Failure) -> None:
+        events = self.events
+        if events is None:
+            return
+        from hbone.events import ConnectionClosed, HandshakeFailed
+
+        if self.ready:
+            why = self._closeWhy or ("closed" if failure.check(ConnectionDone) else "lost")
+            events.emit(ConnectionClosed(self.role, _idText(self.peerIdentity), why,
+                                         self.clock.seconds() - self._readyAt))
+            return
+        if self.role != "server" or self.expectALPN is None:
+            return  # a client's failed dial is the dialer's error, reported with the tunnel
+        from hbone.tls import verifyStateOf
+
+        state = None
+        try:
+            state = verifyStateOf(self.transport.getHandle())
+        except Exception:
+            pass
+        if state is not None and state.reason:
+            why, detail = "certificate", state.reason
+        elif self._closeWhy == "alpn":
+            why, detail = "alpn", failure.getErrorMessage()
+        elif self._closeWhy == "timeout":
+            why, detail = "timeout", f"no {self._deadlineWhat} within the deadline"
+        elif self.h2Started:
+            why, detail = "no_settings", failure.getErrorMessage()
+        else:
+            why, detail = "tls", failure.getErrorMessage()
+        events.emit(HandshakeFailed(_fmtPeer(self.transport), why, detail))
+
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         if self.closed:
             return
@@ -1382,6 +1430,7 @@ class HBoneH2Protocol(Protocol):
         if factory is not None:
             factory.connections.discard(self)
         failure = self._failure or reason
+        self._emitClosed(failure)
         if not self.ready:
             rf = self._readyFailure(failure)
             if self.role == "server" and self.expectALPN is not None and not self.h2Started:
@@ -1405,6 +1454,10 @@ class HBoneH2Protocol(Protocol):
         self._blocked.clear()
         if self.onClosed is not None:
             self.onClosed(self, failure)
+
+
+def _idText(identity) -> str | None:
+    return str(identity) if identity is not None else None
 
 
 def _fmtPeer(transport) -> str:
@@ -1431,7 +1484,8 @@ class HBoneH2Factory(Factory):
 
     def __init__(self, role: str, clock, settings: ConnectionSettings = ConnectionSettings(),
                  streamHandler=None, expectALPN: bytes | None = b"h2", localIdentity=None,
-                 name: str = "hbone", gate=None, processLimits=None) -> None:
+                 name: str = "hbone", gate=None, processLimits=None, events=None) -> None:
+        self.events = events
         self.role = role
         self.clock = clock
         self.settings = settings
@@ -1463,5 +1517,6 @@ class HBoneH2Factory(Factory):
             rejections=self.rejections,
         )
         p.factory = self
+        p.events = self.events
         self.connections.add(p)
         return p

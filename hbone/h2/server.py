@@ -248,6 +248,7 @@ class TunnelServer:
                 "target": request.target.authority(),
                 "traceparent": request.traceparent,
                 "request": request,  # re-checked when a reload changes policy or rules
+                "started": getattr(stream, "openedAt", None),  # the request arrived
             },
         )
 
@@ -281,7 +282,7 @@ class TunnelServer:
 
 def hboneServerFactory(reactor, identity, tunnelServer: TunnelServer,
                        settings: ConnectionSettings = ConnectionSettings(),
-                       processLimits=None):
+                       processLimits=None, events=None):
     """The protocol factory of an mTLS HBONE listener (ALPN ``h2``).
 
     It carries the listener's :class:`hbone.limits.ListenerGate` (handshakes in
@@ -294,7 +295,7 @@ def hboneServerFactory(reactor, identity, tunnelServer: TunnelServer,
     gate = ListenerGate(settings.maxHandshakesPerListener, settings.maxConnectionsPerListener)
     inner = HBoneH2Factory(
         "server", reactor, settings, tunnelServer, b"h2", identity.localId, tunnelServer.name,
-        gate=gate, processLimits=processLimits,
+        gate=gate, processLimits=processLimits, events=events,
     )
     return GatedTLSMemoryBIOFactory(identity.serverCreator(b"h2"), False, inner, gate, clock=reactor)
 

@@ -523,7 +523,8 @@ class ProxyListenerProtocol(SpliceProtocol):
         factory = self.factory
         request = TunnelRequest(target=target, source=self.source, operatorFixed=operatorFixed)
         info = {"direction": "outbound", "source": self.source, "target": target.authority(),
-                "traceparent": request.traceparent, "listener": factory.name, "request": request}
+                "traceparent": request.traceparent, "listener": factory.name, "request": request,
+                "started": factory.clock.seconds()}
 
         def connected(outbound) -> None:
             self.phase = SPLICED

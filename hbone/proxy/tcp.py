@@ -85,7 +85,7 @@ class _ForwardProtocol(SpliceProtocol):
             factory.tracker,
             {"direction": "outbound", "source": (peer.host, peer.port),
              "target": factory.target.authority(), "traceparent": request.traceparent,
-             "listener": factory.name},
+             "listener": factory.name, "started": factory.clock.seconds()},
         )
         d.addErrback(factory._failed, peer)
 
@@ -107,6 +107,7 @@ class TCPForwardFactory(Factory):
         self.dialer = dialer
         self.tracker = tracker
         self.name = name
+        self.clock = clock
         self.rejections = RejectionLog(clock)
 
     def buildProtocol(self, addr):
