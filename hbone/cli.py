@@ -120,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)  # set by the supervisor
     p.add_argument("--drain-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="on SIGTERM, how long live tunnels get to finish before they are reset (default 5)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="text lines (default), or one JSON object per line for log shippers")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     p.add_argument("--version", action="version", version=f"hbone {__version__}")
@@ -129,16 +131,22 @@ def _parser() -> argparse.ArgumentParser:
 _LOG_PREFIX = ["hbone"]  # "hbone[2]" in worker 2 of --workers
 
 
-def _startLogging(verbose: bool, quiet: bool) -> None:
+def _startLogging(verbose: bool, quiet: bool, logFormat: str = "text") -> None:
     level = LogLevel.debug if verbose else LogLevel.warn if quiet else LogLevel.info
 
     def emit(event):
-        text = formatEvent(event)
-        if event.get("log_failure") is not None and event["log_level"] >= LogLevel.error:
-            text += "\n" + event["log_failure"].getTraceback()
         ns = event.get("log_namespace", "")
         if (ns.startswith("twisted.") or ns == "log_legacy") and event["log_level"] < LogLevel.warn:
             return  # Twisted's own port/factory chatter
+        if logFormat == "json":
+            from hbone.logs import jsonLine
+
+            sys.stderr.write(jsonLine(event, _LOG_PREFIX[0]) + "\n")
+            sys.stderr.flush()
+            return
+        text = formatEvent(event)
+        if event.get("log_failure") is not None and event["log_level"] >= LogLevel.error:
+            text += "\n" + event["log_failure"].getTraceback()
         sys.stderr.write(f"{_LOG_PREFIX[0]}: {text}\n")
         sys.stderr.flush()
 
@@ -275,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         from hbone.connect import connectMain
 
         return connectMain(argv[1:])
+    if argv and argv[0] == "status":
+        from hbone.status import statusMain
+
+        return statusMain(argv[1:])
     parser = _parser()
     options = parser.parse_args(_normalizeFlags(argv))
     if options.config:
@@ -321,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         from hbone.workers import runWorkers
 
         return runWorkers(_withoutWorkers(argv), options.workers)
-    _startLogging(options.verbose, options.quiet)
+    _startLogging(options.verbose, options.quiet, options.log_format)
     identity = spec.identity
     if identity is not None:
         log.info("identity {id} (certificate valid until {until})", id=str(identity.localId),

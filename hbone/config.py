@@ -16,7 +16,8 @@ from pathlib import Path
 
 from hbone.urls import HopSpec, ListenerSpec, URLError, parseHop, parseListener
 
-__all__ = ["ConfigError", "loadConfig", "NODE_KEYS", "LISTENER_KEYS", "CHAIN_KEYS", "RULE_KEYS", "ROUTE_KEYS"]
+__all__ = ["ConfigError", "loadConfig", "NODE_KEYS", "LISTENER_KEYS", "CHAIN_KEYS", "RULE_KEYS", "ROUTE_KEYS",
+           "ADMIN_KEYS"]
 
 #: [node] keys and what each expects.
 NODE_KEYS = {
@@ -55,6 +56,11 @@ ROUTE_KEYS = {
     "subset": "Istio names only: the subset this route serves (outbound_.PORT_.SUBSET_.FQDN); absent: any",
     "chain": "the [chain:NAME] toward the target, or 'none' to dial directly; absent: the listener's chain",
     "listener": "the [listener:NAME] (an sni:// listener) whose table this route is in; absent: every sni listener",
+}
+#: [admin] keys.
+ADMIN_KEYS = {
+    "listen": "[host]:port of the admin listener (metrics, health, the tunnels page); the host defaults "
+              "to 127.0.0.1, e.g. 127.0.0.1:15000",
 }
 #: [chain:NAME] keys.
 CHAIN_KEYS = {
@@ -134,6 +140,7 @@ def loadConfig(path: str | os.PathLike, identityLoader=None):
     chains: dict[str, dict[str, str]] = {}
     rules: dict[str, dict[str, str]] = {}
     routes: dict[str, dict[str, str]] = {}
+    admin: dict[str, str] = {}
     for section in parser.sections():
         kind, _, name = section.partition(":")
         if section == "node":
@@ -146,9 +153,11 @@ def loadConfig(path: str | os.PathLike, identityLoader=None):
             allowed, target = RULE_KEYS, rules.setdefault(name, {})
         elif kind == "route" and name:
             allowed, target = ROUTE_KEYS, routes.setdefault(name, {})
+        elif section == "admin":
+            allowed, target = ADMIN_KEYS, admin
         else:
             raise ConfigError(f"{path}: unknown section [{section}]; expected [node], "
-                              f"[listener:NAME], [chain:NAME], [rule:NAME] or [route:NAME]")
+                              f"[listener:NAME], [chain:NAME], [rule:NAME], [route:NAME] or [admin]")
         for key, value in parser.items(section):
             if key not in allowed:
                 raise ConfigError(f"{path}: [{section}] unknown key {key!r}; expected one of "
@@ -212,6 +221,14 @@ def loadConfig(path: str | os.PathLike, identityLoader=None):
                              text=f"{spec.text} [{section}]", name=name))
     if not specs:
         raise ConfigError(f"{path}: no [listener:NAME] section; a node needs at least one listener")
+    if admin:
+        if "listen" not in admin:
+            raise ConfigError(f"{path}: [admin] listen: missing; expected {ADMIN_KEYS['listen']}")
+        try:
+            adminSpec = parseListener(f"admin://{admin['listen']}")
+        except URLError as e:
+            raise ConfigError(f"{path}: [admin] listen = {admin['listen']!r}: {e}") from None
+        specs.append(replace(adminSpec, text=f"{adminSpec.text} [admin]", name="admin"))
     name = node.get("name", "hbone")
     if not name or not all(c.isalnum() or c in "-_." for c in name):
         raise ConfigError(f"{path}: [node] name = {name!r}: expected {NODE_KEYS['name']}")

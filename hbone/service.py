@@ -163,6 +163,8 @@ class Node(MultiService):
         self.h2Factories: list = []  # the HTTP/2 server factories of the listeners (drain)
         self.reloadHooks: list = [self._reloadRoutes]  # (NodeSpec) -> names of what changed
         self._routers: list = []  # (ListenerSpec, hbone.sni.Router) of the sni listeners
+        self.metrics = None  # hbone.metrics.NodeMetrics, once enableMetrics() (an admin listener) made it
+        self.readinessChecks: dict = {}  # name -> () -> (ok, detail), for /readyz
         self._drainWaiters: list[defer.Deferred] = []
         self._drainSummary: dict | None = None
         self._drainNow = None  # set while draining: ends the wait at once
@@ -205,6 +207,10 @@ class Node(MultiService):
             factory = TCPForwardFactory(spec.target, dialer, self.tracker, self.reactor, name=name)
         elif spec.scheme == "sni":
             factory = self._sniFactory(spec, dialer)
+        elif spec.scheme == "admin":
+            from hbone.admin import adminSite
+
+            factory = adminSite(self)
         elif spec.scheme in PROXY_LISTENERS:
             factory = self._proxyFactory(spec, dialer)
         else:  # pragma: no cover - urls.py refuses the rest
@@ -465,6 +471,19 @@ class Node(MultiService):
                 self._drain(self.spec.drainTimeout if timeout is None else timeout)).addBoth(done)
         return d
 
+    @property
+    def isDraining(self) -> bool:
+        return bool(self._drainWaiters) or self._drainSummary is not None
+
+    def enableMetrics(self):
+        """The node's :class:`hbone.metrics.NodeMetrics` (made on first call), fed from
+        ``events``; an admin listener serves it on ``/metrics``."""
+        if self.metrics is None:
+            from hbone.metrics import NodeMetrics
+
+            self.metrics = NodeMetrics(self)
+        return self.metrics
+
     def drainNow(self) -> None:
         """End a drain's wait at once (a second SIGTERM): what is left is reset."""
         if self._drainNow is not None and not self._drainNow.called:
@@ -477,7 +496,8 @@ class Node(MultiService):
         clock = self.reactor
         started = clock.seconds()
         for service in self.listeners:
-            await service.stopListening()
+            if service.spec.scheme != "admin":  # the admin page stays up to show the drain
+                await service.stopListening()
         for factory in self.h2Factories:
             factory.drain()
         tunnels = len(self.tracker.tunnels)

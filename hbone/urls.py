@@ -31,6 +31,7 @@ LISTENER_SCHEMES = {
     "auto": (frozenset(), ":8080"),
     "h2c": (frozenset({"jwks", "audience", "insecure"}), "h2c://:15009?jwks=jwks.json&audience=https://lb.example"),
     "sni": (frozenset(), "sni://0.0.0.0:15443"),
+    "admin": (frozenset(), "admin://127.0.0.1:15000"),
 }
 #: Hop schemes, the options each takes, and an example.
 HOP_SCHEMES = {
@@ -42,7 +43,7 @@ HOP_SCHEMES = {
     "socks5": (frozenset(), "socks5://user:pass@proxy.example:1080"),
 }
 PROXY_LISTENERS = frozenset({"http", "socks5", "socks4", "socks4a", "auto"})
-_PLANNED = {"h2r", "rtcp", "admin"}
+_PLANNED = {"h2r", "rtcp"}
 
 
 class URLError(ValueError):

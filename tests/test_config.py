@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hbone.config import CHAIN_KEYS, LISTENER_KEYS, NODE_KEYS, ROUTE_KEYS, RULE_KEYS, ConfigError, loadConfig
+from hbone.config import (ADMIN_KEYS, CHAIN_KEYS, LISTENER_KEYS, NODE_KEYS, ROUTE_KEYS, RULE_KEYS, ConfigError,
+                          loadConfig)
 from hbone.identity import IdentityPattern
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +79,7 @@ def test_everyDocumentedKey_roundTrips(tmp_path):
     assert byScheme["h2c"].option("audience") == "https://lb.example"
     # the documentation lists exactly the keys the loader accepts
     doc = (ROOT / "docs" / "config.md").read_text()
-    for key in list(NODE_KEYS) + list(LISTENER_KEYS) + list(CHAIN_KEYS) + list(RULE_KEYS) + list(ROUTE_KEYS):
+    for key in list(NODE_KEYS) + list(LISTENER_KEYS) + list(CHAIN_KEYS) + list(RULE_KEYS) + list(ROUTE_KEYS) + list(ADMIN_KEYS):
         assert f"`{key}`" in doc, key
 
 
@@ -98,7 +99,7 @@ def test_allowListSplitsOnCommasAndLines(tmp_path):
     "text, message",
     [
         ("[node]\nalow = 1\n[listener:a]\nurl = tcp://:1/h:1\n", "[node] unknown key 'alow'; expected one of allow,"),
-        ("[nodes]\n", "unknown section [nodes]; expected [node], [listener:NAME], [chain:NAME], [rule:NAME] or [route:NAME]"),
+        ("[nodes]\n", "unknown section [nodes]; expected [node], [listener:NAME], [chain:NAME], [rule:NAME], [route:NAME] or [admin]"),
         ("[listener:a]\nurl = tcp://:7000\n", "[listener:a] url: -L tcp://:7000: a tcp listener needs a fixed target"),
         ("[listener:a]\nport = 1\n", "[listener:a] unknown key 'port'; expected one of chain, url"),
         ("[listener:a]\nchain = x\n", "[listener:a] url: missing"),

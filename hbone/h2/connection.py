@@ -1397,16 +1397,19 @@ class HBoneH2Protocol(Protocol):
             state = verifyStateOf(self.transport.getHandle())
         except Exception:
             pass
-        if state is not None and state.reason:
+        message = failure.getErrorMessage()
+        if self._closeWhy == "alpn" or state is not None and state.reason and "ALPN" in state.reason:
+            why, detail = "alpn", (state.reason if state is not None and state.reason else message)
+        elif state is not None and state.reason:
             why, detail = "certificate", state.reason
-        elif self._closeWhy == "alpn":
-            why, detail = "alpn", failure.getErrorMessage()
+        elif "certificate" in message:  # e.g. OpenSSL's "peer did not return a certificate"
+            why, detail = "certificate", message
         elif self._closeWhy == "timeout":
             why, detail = "timeout", f"no {self._deadlineWhat} within the deadline"
         elif self.h2Started:
-            why, detail = "no_settings", failure.getErrorMessage()
+            why, detail = "no_settings", message
         else:
-            why, detail = "tls", failure.getErrorMessage()
+            why, detail = "tls", message
         events.emit(HandshakeFailed(_fmtPeer(self.transport), why, detail))
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
