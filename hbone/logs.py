@@ -46,9 +46,11 @@ def jsonLine(event: dict, process: str = "hbone") -> str:
 def jsonLogger():
     """For ``twistd --logger hbone.logs.jsonLogger``: JSON lines on stdout."""
 
+    out = sys.__stdout__  # twistd sends sys.stdout itself into the log
+
     def observe(event):
-        sys.stdout.write(jsonLine(event, "twistd") + "\n")
-        sys.stdout.flush()
+        out.write(jsonLine(event, "twistd") + "\n")
+        out.flush()
 
     return observe
 

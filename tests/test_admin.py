@@ -382,3 +382,23 @@ def test_S46_S47_visibleInMetrics():
     assert got[("hbone_http2_connections_closed_total", (("reason", "keepalive_timeout"), ("role", "server")))] == 1
     assert got[("hbone_http2_connections_active", (("role", "server"),))] == 0
     assert got[("hbone_tunnels_closed_total", (("direction", "inbound"), ("reason", "idle_timeout")))] == 1
+
+
+def test_twistdJsonLogger(tmp_path):
+    twistd = Path(sys.executable).with_name("twistd")
+    chain, key, ca = svidFiles(pki.serverIdentity())
+    (port,) = pickFreePorts(1)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root}
+    proc = subprocess.Popen([str(twistd), "-n", "--pidfile=", "--logger", "hbone.logs.jsonLogger", "hbone",
+                             "--cert", chain, "--key", key, "--ca", ca, "-L", f"hbone://127.0.0.1:{port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env)
+    try:
+        waitForPort("127.0.0.1", port, 30, proc)
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert any(l["message"] == f"listening: hbone on 127.0.0.1:{port}" for l in lines), out
+    assert all(l["process"] == "twistd" for l in lines)
