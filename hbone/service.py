@@ -57,6 +57,9 @@ class NodeSpec:
     certCheckInterval: float = 5.0  # seconds between looks at the certificate files; 0: never
     reusePort: bool = False  # SO_REUSEPORT on every listener (worker processes, hbone --workers)
     routes: tuple = ()  # hbone.sni.Route: the SNI listeners' route tables
+    h2rBindings: tuple[str, ...] = ()  # gateway: NAME=SPIFFEID (besides ?bind= on h2r listeners)
+    exports: tuple = ()  # node: (name, port, Target) (besides rtcp:// listeners)
+    gateways: tuple = ()  # node: h2r HopSpecs (besides h2r:// hops in ``hops``)
     settings: ConnectionSettings = field(default_factory=ConnectionSettings)
 
 
@@ -113,8 +116,18 @@ class Node(MultiService):
         super().__init__()
         self.reactor = reactor
         self.spec = spec
+        gateways = tuple(spec.gateways) + tuple(h for h in spec.hops if h.scheme == "h2r")
+        if gateways:  # h2r hops are where this node registers, not a chain
+            spec = replace(spec, hops=tuple(h for h in spec.hops if h.scheme != "h2r"))
+            self.spec = spec
+        exports = list(spec.exports) + [(l.host, l.port, l.target) for l in spec.listeners if l.scheme == "rtcp"]
+        if exports and not gateways:
+            raise NodeConfigError("rtcp exports need a gateway to register with: -F h2r://gw:15441?identity=...")
+        if gateways and not exports:
+            raise NodeConfigError("-F h2r://... registers this node with a gateway, but nothing is exported: "
+                                  "add -L rtcp://NAME:PORT/TARGET")
         chains = [spec.hops] + [l.chain for l in spec.listeners if l.chain]
-        needsIdentity = any(l.scheme == "hbone" for l in spec.listeners) or any(
+        needsIdentity = any(l.scheme in ("hbone", "h2r") for l in spec.listeners) or bool(gateways) or any(
             h.scheme == "hbone" and h.option("tls", "mtls") == "mtls" for c in chains for h in c
         )
         if needsIdentity and spec.identity is None:
@@ -152,6 +165,21 @@ class Node(MultiService):
         self.tracker = TunnelTracker(reactor, spec.idleTimeout, events=self.events)
         self.pool = Pool(reactor, self.identity, spec.settings, spec.connectTimeout, spec.name)
         self.pool.events = self.events
+        self.metrics = None  # hbone.metrics.NodeMetrics, once enableMetrics() (an admin listener) made it
+        self.readinessChecks: dict = {}  # name -> () -> (ok, detail), for /readyz
+        # H2R gateway: one registry for every listener of this process (PROTOCOL §9)
+        self.registry = None
+        bindings = list(spec.h2rBindings) + [v for l in spec.listeners if l.scheme == "h2r"
+                                             for k, v in l.options if k == "bind"]
+        if any(l.scheme == "h2r" for l in spec.listeners) or bindings:
+            from hbone.h2r import Registry, parseBindings
+
+            try:
+                self.registry = Registry(reactor, parseBindings(bindings), events=self.events)
+            except ValueError as e:
+                raise NodeConfigError(f"h2r bindings: {e}") from None
+            self.readinessChecks["h2r"] = lambda: (True, f"{sum(len(self.registry.live(n)) for n in self.registry.bindings)} "
+                                                         f"registrations for {len(self.registry.bindings)} bound names")
         self.certWatcher = None
         if self.identity is not None and getattr(self.identity, "files", None) is not None:
             from hbone.certwatch import IdentityWatcher
@@ -163,15 +191,34 @@ class Node(MultiService):
         self.h2Factories: list = []  # the HTTP/2 server factories of the listeners (drain)
         self.reloadHooks: list = [self._reloadRoutes]  # (NodeSpec) -> names of what changed
         self._routers: list = []  # (ListenerSpec, hbone.sni.Router) of the sni listeners
-        self.metrics = None  # hbone.metrics.NodeMetrics, once enableMetrics() (an admin listener) made it
-        self.readinessChecks: dict = {}  # name -> () -> (ok, detail), for /readyz
         self._drainWaiters: list[defer.Deferred] = []
         self._drainSummary: dict | None = None
         self._drainNow = None  # set while draining: ends the wait at once
         for listener in spec.listeners:
-            self.listeners.append(self._buildListener(listener))
+            if listener.scheme != "rtcp":  # an export, not a port
+                self.listeners.append(self._buildListener(listener))
         for service in self.listeners:
             service.setServiceParent(self)
+        self.connectors: list = []  # H2R node: one ReverseConnector per gateway
+        if gateways:
+            self._buildConnectors(gateways, exports)
+
+    def _buildConnectors(self, gateways, exports) -> None:
+        from hbone.h2r import ExportDialer, ReverseConnector
+
+        dialer = ExportDialer(self.reactor, {(n, p): t for n, p, t in exports}, self.spec.connectTimeout)
+        server = TunnelServer(self.reactor, dialer, None, self.tracker, name=self.spec.name,
+                              limits=self.processLimits, connectOnly=True)
+        for hop in gateways:
+            for host, port in hop.nodes or ((hop.host, hop.port),):
+                connector = ReverseConnector(self.reactor, self.identity, host, port, hop.identities, server,
+                                             self.spec.settings, self.events, connectTimeout=self.spec.connectTimeout,
+                                             name=self.spec.name)
+                connector.setServiceParent(self)
+                self.connectors.append(connector)
+        self.readinessChecks["h2r"] = lambda: (
+            all(c.state == "connected" for c in self.connectors),
+            "; ".join(f"{c.gateway}: {c.state}" for c in self.connectors))
 
     def _dialerFor(self, hops):
         """One dialer per distinct chain: direct TCP (with policy) when empty."""
@@ -186,6 +233,10 @@ class Node(MultiService):
             else:
                 dialer = DirectDialer(self.reactor, self.policy, ReactorResolver(self.reactor),
                                       self.spec.connectTimeout)
+            if self.registry is not None:  # a bound name never falls through to DNS
+                from hbone.h2r import RegistryDialer
+
+                dialer = RegistryDialer(self.registry, dialer)
             self._dialers[hops] = dialer
         return dialer
 
@@ -211,6 +262,11 @@ class Node(MultiService):
             from hbone.admin import adminSite
 
             factory = adminSite(self)
+        elif spec.scheme == "h2r":
+            from hbone.h2r import gatewayFactory
+
+            factory = gatewayFactory(self.reactor, self.identity, self.registry, self.spec.settings,
+                                     events=self.events, name=self.spec.name)
         elif spec.scheme in PROXY_LISTENERS:
             factory = self._proxyFactory(spec, dialer)
         else:  # pragma: no cover - urls.py refuses the rest

@@ -32,6 +32,8 @@ LISTENER_SCHEMES = {
     "h2c": (frozenset({"jwks", "audience", "insecure"}), "h2c://:15009?jwks=jwks.json&audience=https://lb.example"),
     "sni": (frozenset(), "sni://0.0.0.0:15443"),
     "admin": (frozenset(), "admin://127.0.0.1:15000"),
+    "h2r": (frozenset({"bind"}), "h2r://0.0.0.0:15441?bind=laptop=spiffe://cluster.local/ns/default/sa/laptop"),
+    "rtcp": (frozenset(), "rtcp://laptop:22/127.0.0.1:22"),
 }
 #: Hop schemes, the options each takes, and an example.
 HOP_SCHEMES = {
@@ -41,9 +43,10 @@ HOP_SCHEMES = {
     "http2": (frozenset({"ca", "servername"}), "http2://user:pass@proxy.example:443"),
     "http": (frozenset(), "http://proxy.example:3128"),
     "socks5": (frozenset(), "socks5://user:pass@proxy.example:1080"),
+    "h2r": (frozenset({"identity"}), "h2r://gw.example:15441?identity=spiffe://cluster.local/ns/default/sa/gw"),
 }
 PROXY_LISTENERS = frozenset({"http", "socks5", "socks4", "socks4a", "auto"})
-_PLANNED = {"h2r", "rtcp"}
+_PLANNED: set[str] = set()
 
 
 class URLError(ValueError):
@@ -164,15 +167,24 @@ def parseListener(text: str) -> ListenerSpec:
     if credentials is not None and scheme not in PROXY_LISTENERS:
         raise URLError(f"{flag} {text}: only http, socks and auto listeners take user:pass@")
     target = None
-    if scheme == "tcp":
+    if scheme == "rtcp" and authority.startswith(":"):
+        raise URLError(f"{flag} {text}: an rtcp export needs the NAME it is reached by: {example}")
+    if scheme == "h2r":
+        from hbone.h2r import parseBindings
+
+        try:
+            parseBindings(v for k, v in options if k == "bind")
+        except ValueError as e:
+            raise URLError(f"{flag} {text}: {e}") from None
+    if scheme in ("tcp", "rtcp"):
         if not path:
-            raise URLError(f"{flag} {text}: a tcp listener needs a fixed target: {example}")
+            raise URLError(f"{flag} {text}: a {scheme} listener needs a fixed target: {example}")
         try:
             target = parseAuthority(path)
         except AddressError as e:
             raise URLError(f"{flag} {text}: bad target: {e} (e.g. {example})") from None
     elif path:
-        raise URLError(f"{flag} {text}: only tcp:// listeners take a /target")
+        raise URLError(f"{flag} {text}: only tcp:// and rtcp:// listeners take a /target")
     return ListenerSpec(scheme, host, port, target, tuple(options), credentials, text)
 
 
@@ -191,7 +203,7 @@ def parseHop(text: str) -> HopSpec:
             nodes.append(parseHostPort(part.strip()))
         except AddressError as e:
             raise URLError(f"{flag} {text}: {e} (write host:port, e.g. {example})") from None
-    if credentials is not None and scheme in ("hbone", "h2c"):
+    if credentials is not None and scheme in ("hbone", "h2c", "h2r"):
         raise URLError(f"{flag} {text}: {scheme} hops authenticate with certificates or ?token=@FILE, not user:pass@")
     opts = dict(options)
     identities = None

@@ -378,6 +378,37 @@ class Pool:
 
 
 @implementer(IStreamClientEndpoint)
+async def awaitTunnel(stream, response, protocolFactory, clock, responseTimeout: float, what: str,
+                      authority: str):
+    """The rest of opening a tunnel once its HEADERS are out (``conn.openTunnel``):
+    wait for the ``200`` (at most ``responseTimeout``: then RST_STREAM(CANCEL) and
+    :class:`ResponseTimeout`), then connect ``protocolFactory``'s protocol to the
+    stream. Used by :class:`HBoneClientEndpoint` and the H2R gateway."""
+    timedOut = []
+
+    def expire():
+        timedOut.append(True)
+        response.cancel()
+
+    timer = clock.callLater(responseTimeout, expire)
+    try:
+        await response
+    except defer.CancelledError:
+        stream.resetStream(ErrorCodes.CANCEL)
+        if timedOut:
+            raise ResponseTimeout(f"{what} sent no response for {authority} within {responseTimeout:g}s") from None
+        raise
+    finally:
+        if timer.active():
+            timer.cancel()
+    protocol = protocolFactory.buildProtocol(stream.getPeer())
+    if protocol is None:
+        stream.resetStream(ErrorCodes.CANCEL)
+        raise HopUnreachable("the protocol factory refused the tunnel")
+    stream.makeConnection(protocol)
+    return protocol
+
+
 class HBoneClientEndpoint:
     """One tunnel to ``target`` through ``hop`` per ``connect()``."""
 
@@ -441,34 +472,11 @@ class HBoneClientEndpoint:
                 if attempt == 2:
                     raise
                 continue
-            timedOut = []
-
-            def expire():
-                timedOut.append(True)
-                response.cancel()
-
-            timer = clock.callLater(self.responseTimeout, expire)
             try:
-                await response
+                return await awaitTunnel(stream, response, protocolFactory, clock, self.responseTimeout,
+                                         f"{self.hop}", self.target.authority())
             except RefusedStream:
                 if attempt == 2:
                     raise
                 continue
-            except defer.CancelledError:
-                stream.resetStream(ErrorCodes.CANCEL)
-                if timedOut:
-                    raise ResponseTimeout(
-                        f"{self.hop} sent no response for {self.target.authority()} "
-                        f"within {self.responseTimeout:g}s"
-                    ) from None
-                raise
-            finally:
-                if timer.active():
-                    timer.cancel()
-            protocol = protocolFactory.buildProtocol(stream.getPeer())
-            if protocol is None:
-                stream.resetStream(ErrorCodes.CANCEL)
-                raise HopUnreachable("the protocol factory refused the tunnel")
-            stream.makeConnection(protocol)
-            return protocol
         raise HopUnreachable(f"{self.hop}: stream refused twice")  # pragma: no cover

@@ -130,7 +130,9 @@ class TunnelServer:
         name: str = "hbone",
         rules=None,
         limits=None,
+        connectOnly: bool = False,
     ) -> None:
+        self.connectOnly = connectOnly  # H2R nodes: the POST form gets 400 (PROTOCOL §9)
         self.reactor = reactor
         self.dialer = dialer
         self.authorizer = authorizer
@@ -157,6 +159,8 @@ class TunnelServer:
         parsed = None
         try:
             parsed = parseTunnelRequest(headers, self.workloadAddress)
+            if self.connectOnly and parsed.form != "connect":
+                raise RequestError("only CONNECT is served on a reverse (H2R) connection")
             if self.authorizer is not None and peer is not None and not self.authorizer.isAllowed(peer):
                 raise AccessDenied(self.authorizer.explain(peer))
             if self.rules:

@@ -1,0 +1,285 @@
+"""H2R reverse tunnels (PROTOCOL §9; SECURITY S38-S44): a node behind NAT dials the
+gateway and serves the tunnels the gateway opens over that connection."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import time
+
+import pytest
+from h2.errors import ErrorCodes
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import globalLogPublisher
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from hbone.events import TunnelClosed
+from hbone.h2r import Backoff, H2RRegistration, H2RStatus, parseBindings
+from hbone.service import Node, NodeConfigError, NodeSpec
+from hbone.urls import parseHop, parseListener
+from tests import pki
+
+NODE_ID = f"spiffe://{pki.TD}/ns/default/sa/laptop"
+OTHER_ID = f"spiffe://{pki.TD}/ns/default/sa/intruder"
+GW_ID = f"spiffe://{pki.TD}/ns/default/sa/gw"
+
+
+# -- S44: backoff with a fake clock ---------------------------------------------------------
+
+
+def test_S44_backoffSequence():
+    b = Backoff(rng=random.Random(7))
+    delays = [b.failure() for _ in range(7)]
+    for got, base in zip(delays, [1, 2, 4, 8, 16, 30, 30]):
+        assert base * 0.8 <= got <= base * 1.2, delays
+    assert len({round(d / base, 3) for d, base in zip(delays, [1, 2, 4, 8, 16, 30, 30])}) > 1  # jittered
+    # a registration that stayed live 30 s resets it; a shorter one does not
+    assert 0.8 <= b.lost(30.0) <= 1.2
+    assert 1.6 <= b.failure() <= 2.4
+    assert 3.2 <= b.lost(29.0) <= 4.8
+    # a refusal is retried at the cap
+    assert 24 <= b.refused() <= 36
+    assert 24 <= b.failure() <= 36
+
+
+def test_bindings():
+    got = parseBindings(["laptop=" + NODE_ID, "Laptop=spiffe://cluster.local/ns/x/*", "db=" + OTHER_ID])
+    assert [str(p) for p in got["laptop"]] == [NODE_ID, "spiffe://cluster.local/ns/x/*"]
+    for bad in ("laptop", "=x", "laptop=", "bad name=" + NODE_ID, "x=notanid"):
+        with pytest.raises(ValueError):
+            parseBindings([bad])
+
+
+def test_nodeConfigErrors():
+    with pytest.raises(NodeConfigError, match="rtcp exports need a gateway"):
+        Node(task.Clock(), NodeSpec(listeners=(parseListener("rtcp://laptop:22/127.0.0.1:22"),),
+                                    identity=pki.serverIdentity()))
+    with pytest.raises(NodeConfigError, match="nothing is exported"):
+        Node(task.Clock(), NodeSpec(listeners=(parseListener("tcp://127.0.0.1:0/127.0.0.1:9"),),
+                                    hops=(parseHop("h2r://127.0.0.1:15441"),), identity=pki.serverIdentity()))
+
+
+@implementer(IHalfCloseableProtocol)
+class Echo(Protocol):
+    def connectionMade(self):
+        self.factory.accepted += 1
+
+    def dataReceived(self, data):
+        self.transport.write(data)
+
+    def readConnectionLost(self):
+        self.transport.loseWriteConnection()
+
+    def writeConnectionLost(self):
+        self.transport.loseConnection()
+
+
+@implementer(IHalfCloseableProtocol)
+class Client(Protocol):
+    def __init__(self, payload: bytes):
+        self.payload = payload
+        self.chunks = []
+        self.done = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.payload)
+        self.transport.loseWriteConnection()
+
+    def dataReceived(self, data):
+        self.chunks.append(data)
+
+    def readConnectionLost(self):
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+    def connectionLost(self, reason):
+        self.reason = reason
+        self.done.callback(b"".join(self.chunks))
+
+
+async def waitFor(condition, seconds: float = 20.0):
+    from twisted.internet.task import deferLater
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{condition} did not hold within {seconds}s")
+        await deferLater(reactor, 0.01, lambda: None)
+
+
+class H2RTests(unittest.TestCase):
+    timeout = 90
+
+    def setUp(self):
+        self.logs = []
+        observer = lambda e: self.logs.append(e)  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    def logText(self) -> str:
+        from twisted.logger import formatEvent
+
+        return "\n".join(formatEvent(e) for e in self.logs)
+
+    async def start(self, spec: NodeSpec) -> Node:
+        node = Node(reactor, spec)
+        await node.startListening()
+        node.startService()
+        self.addCleanup(lambda: node.running and node.stopService())
+        return node
+
+    async def echo(self):
+        factory = Factory.forProtocol(Echo)
+        factory.accepted = 0
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        return factory, port.getHost().port
+
+    async def gateway(self, h2rPort: int = 0, hbonePort: int = 0, bind=(f"laptop={NODE_ID}",)):
+        query = "&".join(f"bind={b}" for b in bind)
+        return await self.start(NodeSpec(
+            listeners=(parseListener(f"h2r://127.0.0.1:{h2rPort}?{query}"),
+                       parseListener(f"hbone://127.0.0.1:{hbonePort}")),
+            identity=pki.identity(GW_ID), drainTimeout=0))
+
+    def ports(self, gw: Node) -> tuple[int, int]:
+        ports = list(gw.boundPorts().values())
+        return ports[0], ports[1]
+
+    async def reverseNode(self, h2rPort: int, exports, identity=None, settings=None):
+        from hbone.h2.connection import ConnectionSettings
+
+        spec = NodeSpec(listeners=tuple(parseListener(f"rtcp://{e}") for e in exports),
+                        hops=(parseHop(f"h2r://127.0.0.1:{h2rPort}?identity={GW_ID}"),),
+                        identity=identity or pki.identity(NODE_ID), drainTimeout=0,
+                        settings=settings or ConnectionSettings())
+        node = Node(reactor, spec)
+        for c in node.connectors:  # fast, deterministic retries in tests
+            c.backoff = Backoff(initial=0.05, cap=0.2, rng=random.Random(1))
+        node.startService()
+        self.addCleanup(lambda: node.running and node.stopService())
+        return node
+
+    async def client(self, hbonePort: int, target: str):
+        return await self.start(NodeSpec(
+            listeners=(parseListener(f"tcp://127.0.0.1:0/{target}"),),
+            hops=(parseHop(f"hbone://127.0.0.1:{hbonePort}?identity={GW_ID}"),),
+            identity=pki.clientIdentity(), drainTimeout=0))
+
+    async def roundTrip(self, port: int, payload: bytes):
+        proto = await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+            Factory.forProtocol(lambda: Client(payload)))
+        return await proto.done, proto
+
+    def test_reverseTunnel_hashEqualBothWays_andTheExportIsThePolicy(self):
+        async def go():
+            echo, echoPort = await self.echo()
+            gw = await self.gateway()
+            h2rPort, hbonePort = self.ports(gw)
+            node = await self.reverseNode(h2rPort, [f"laptop:22/127.0.0.1:{echoPort}"])
+            await waitFor(lambda: gw.registry.live("laptop") and node.connectors[0].state == "connected")
+            client = await self.client(hbonePort, "laptop:22")
+            fwd = list(client.boundPorts().values())[0]
+            for size in (1, 3 * 1024 * 1024):
+                payload = os.urandom(size)
+                got, _ = await self.roundTrip(fwd, payload)
+                self.assertEqual(hashlib.sha256(got).digest(), hashlib.sha256(payload).digest())
+            self.assertEqual(echo.accepted, 2)
+            # S41: an unexported port and an S31 address: 403, and the node opens no socket
+            for target in ("laptop:23", f"laptop:{echoPort}"):
+                bad = await self.client(hbonePort, target)
+                got, proto = await self.roundTrip(list(bad.boundPorts().values())[0], b"x")
+                self.assertEqual(got, b"")
+            self.assertEqual(echo.accepted, 2)
+            self.assertIn("laptop:23 is not exported by this node", self.logText())
+            # the gateway's tunnels were carried over the node's connection
+            inbound = [t for t in node.tracker.tunnels]
+            self.assertEqual(inbound, [])
+            self.assertEqual(node.tracker.opened, 2)
+
+        return defer.Deferred.fromCoroutine(go())
+
+    def test_S38_aNameBoundToAnotherIdentity_isRefused(self):
+        async def go():
+            echo, echoPort = await self.echo()
+            gw = await self.gateway(bind=(f"laptop={NODE_ID}",))
+            h2rPort, hbonePort = self.ports(gw)
+            good = await self.reverseNode(h2rPort, [f"laptop:22/127.0.0.1:{echoPort}"])
+            await waitFor(lambda: gw.registry.live("laptop"))
+            seen = []
+            gw.events.subscribe(seen.append)
+            intruder = await self.reverseNode(h2rPort, [f"laptop:22/127.0.0.1:{echoPort}"],
+                                              identity=pki.identity(OTHER_ID))
+            await waitFor(lambda: intruder.connectors[0].state == "refused")
+            refused = [e for e in seen if isinstance(e, H2RRegistration) and e.state == "refused"]
+            self.assertTrue(refused)
+            self.assertIn(OTHER_ID, refused[0].detail)
+            self.assertIn(f"H2R registration refused: no name is bound to {OTHER_ID}", self.logText())
+            self.assertEqual(len(gw.registry.live("laptop")), 1)  # A untouched
+            self.assertEqual(good.connectors[0].state, "connected")
+            client = await self.client(hbonePort, "laptop:22")
+            got, _ = await self.roundTrip(list(client.boundPorts().values())[0], b"still A")
+            self.assertEqual(got, b"still A", self.logText())
+            self.assertIn("refused us", self.logText())
+
+        return defer.Deferred.fromCoroutine(go())
+
+    def test_boundNameWithoutANode_waitsThen503_andNeverDNS(self):
+        async def go():
+            gw = await self.gateway(bind=(f"laptop={NODE_ID}",))
+            gw.registry.waitForNode = 0.3
+            h2rPort, hbonePort = self.ports(gw)
+            client = await self.client(hbonePort, "laptop:22")
+            seen = []
+            client.events.subscribe(seen.append)
+            started = time.monotonic()
+            got, proto = await self.roundTrip(list(client.boundPorts().values())[0], b"x")
+            self.assertEqual(got, b"")
+            self.assertGreaterEqual(time.monotonic() - started, 0.3)
+            self.assertIn("no node serves laptop now", self.logText())
+            self.assertIn("503", self.logText())
+
+        return defer.Deferred.fromCoroutine(go())
+
+    def test_gatewayRestart_nodeReRegistersByItself_andLostNodeResetsTunnels(self):
+        async def go():
+            echo, echoPort = await self.echo()
+            gw = await self.gateway()
+            h2rPort, hbonePort = self.ports(gw)
+            node = await self.reverseNode(h2rPort, [f"laptop:22/127.0.0.1:{echoPort}"])
+            await waitFor(lambda: gw.registry.live("laptop"))
+            await gw.stopService()
+            await waitFor(lambda: node.connectors[0].state == "retrying")
+            gw2 = await self.gateway(h2rPort, hbonePort)
+            await waitFor(lambda: gw2.registry.live("laptop"))
+            client = await self.client(hbonePort, "laptop:22")
+            got, _ = await self.roundTrip(list(client.boundPorts().values())[0], b"after the restart")
+            self.assertEqual(got, b"after the restart")
+            self.assertEqual(node.connectors[0].state, "connected")
+
+        return defer.Deferred.fromCoroutine(go())
+
+    def test_S43_postFormOverH2R_is400(self):
+        async def go():
+            echo, echoPort = await self.echo()
+            gw = await self.gateway()
+            h2rPort, hbonePort = self.ports(gw)
+            await self.reverseNode(h2rPort, [f"laptop:22/127.0.0.1:{echoPort}"])
+            await waitFor(lambda: gw.registry.live("laptop"))
+            (conn,) = gw.registry.live("laptop")
+            headers = [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", b"laptop:22"),
+                       (b":path", b"/_hbone/laptop:22")]
+            stream, response = conn.openTunnel(headers, "laptop:22")
+            with self.assertRaises(Exception) as caught:
+                await response
+            self.assertIn("400", str(caught.exception))
+            self.assertEqual(echo.accepted, 0)
+
+        return defer.Deferred.fromCoroutine(go())
