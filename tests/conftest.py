@@ -29,6 +29,11 @@ PEER_PACKAGES = {
     "tinyproxy": "tinyproxy",
     "curl": "curl",
     "openssl": "openssl",
+    "sshd": "openssh-server",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "chromium": "chromium",
+    "chromedriver": "chromium-driver",
 }
 
 #: Daemons live in sbin, which is not on every user's PATH.

@@ -283,3 +283,127 @@ class H2RTests(unittest.TestCase):
             self.assertEqual(echo.accepted, 0)
 
         return defer.Deferred.fromCoroutine(go())
+
+
+# -- real processes: node, gateway and client; a real sshd behind the node ----------------------
+
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from hbone.ca import certificatePEM, privateKeyPEM  # noqa: E402
+from tests.conftest import pickFreePorts, requirePeer, waitForPort  # noqa: E402
+
+
+def _identityDir(directory: Path, spiffeId: str) -> Path:
+    identity = pki.identity(spiffeId)
+    directory.mkdir(parents=True)
+    (directory / "cert-chain.pem").write_bytes(certificatePEM(*identity.chain))
+    (directory / "key.pem").write_bytes(privateKeyPEM(identity._key))
+    os.chmod(directory / "key.pem", 0o600)
+    (directory / "root-cert.pem").write_bytes(certificatePEM(pki.ca()[0]))
+    return directory
+
+
+class _Proc:
+    def __init__(self, argv):
+        self.p = subprocess.Popen([sys.executable, "-m", "hbone.cli", *argv], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.p.stdout), daemon=True).start()
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def waitFor(self, needle: str, count: int = 1, seconds: float = 30.0) -> None:
+        deadline = time.monotonic() + seconds
+        while self.text().count(needle) < count:
+            if time.monotonic() > deadline or self.p.poll() is not None:
+                raise AssertionError(f"{needle!r} x{count} not seen:\n{self.text()}")
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(20)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(5)
+        return self.p.returncode
+
+
+@pytest.mark.peers
+def test_processes_sshThroughAReverseTunnel_andAGatewayRestart(tmp_path):
+    """The laptop/sshd walk-through of docs/reverse-tunnels.md, with real processes."""
+    sshd, ssh, keygen = requirePeer("sshd", "ssh", "ssh-keygen")
+    ids = {name: _identityDir(tmp_path / name, f"spiffe://{pki.TD}/ns/default/sa/{name}")
+           for name in ("gw", "laptop", "me")}
+    h2rPort, hbonePort, sshPort = pickFreePorts(3)
+    for key in ("host", "client"):
+        subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / key)], check=True)
+    (tmp_path / "authorized_keys").write_text((tmp_path / "client.pub").read_text())
+    os.chmod(tmp_path / "authorized_keys", 0o600)
+    config = tmp_path / "sshd_config"
+    config.write_text(f"""Port {sshPort}
+ListenAddress 127.0.0.1
+HostKey {tmp_path / 'host'}
+UsePAM no
+PidFile none
+StrictModes no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+PermitRootLogin prohibit-password
+AuthorizedKeysFile {tmp_path / 'authorized_keys'}
+""")
+    os.makedirs("/run/sshd", exist_ok=True)
+    daemon = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    gateway = node = None
+    procs = []
+
+    def startGateway():
+        p = _Proc(["--certs", str(ids["gw"]), "-L", f"h2r://127.0.0.1:{h2rPort}?bind=laptop=spiffe://{pki.TD}/ns/default/sa/laptop",
+                   "-L", f"hbone://127.0.0.1:{hbonePort}"])
+        procs.append(p)
+        waitForPort("127.0.0.1", hbonePort, 20, p.p)
+        return p
+
+    gwId = f"spiffe://{pki.TD}/ns/default/sa/gw"
+    proxy = (f"{sys.executable} -m hbone.cli connect %h:%p --certs {ids['me']} "
+             f"-F hbone://127.0.0.1:{hbonePort}?identity={gwId}")
+
+    def sshRun(command: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
+        return subprocess.run([ssh, "-o", f"ProxyCommand={proxy}", "-o", "StrictHostKeyChecking=no",
+                               "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+                               "-i", str(tmp_path / "client"), "-p", "22", f"{os.environ.get('USER') or 'root'}@laptop",
+                               command], input=stdin, capture_output=True, timeout=60)
+
+    try:
+        waitForPort("127.0.0.1", sshPort, 20, daemon)
+        gateway = startGateway()
+        node = _Proc(["--certs", str(ids["laptop"]), "-L", f"rtcp://laptop:22/127.0.0.1:{sshPort}",
+                      "-F", f"h2r://127.0.0.1:{h2rPort}?identity={gwId}"])
+        procs.append(node)
+        node.waitFor("connected (as spiffe://")
+        payload = os.urandom(512 * 1024)
+        out = sshRun("cat", payload)
+        assert out.returncode == 0, out.stderr.decode() + gateway.text() + node.text()
+        assert hashlib.sha256(out.stdout).digest() == hashlib.sha256(payload).digest()
+        # the gateway restarts; the node registers again without anyone telling it to
+        assert gateway.stop() == 0, gateway.text()
+        node.waitFor("retrying in")
+        gateway = startGateway()
+        node.waitFor("connected (as spiffe://", count=2)
+        out = sshRun("echo through-the-restarted-gateway")
+        assert out.returncode == 0, out.stderr.decode() + gateway.text() + node.text()
+        assert out.stdout.strip() == b"through-the-restarted-gateway"
+    finally:
+        codes = [p.stop() for p in procs]
+        daemon.terminate()
+        daemon.wait(10)
+    assert codes[-1] == 0 and codes[-2] == 0, "".join(p.text() for p in procs)
