@@ -43,7 +43,8 @@ from twisted.internet.interfaces import IStreamClientEndpointStringParserWithRea
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-__all__ = ["EndpointStringError", "HBoneClientParser", "closeEndpointPools", "EXAMPLE"]
+__all__ = ["EndpointStringError", "HBoneClientParser", "H2RServerParser", "closeEndpointPools", "EXAMPLE",
+           "H2R_EXAMPLE"]
 
 #: A complete string, as a user types it in Python source (``r"..."``).
 EXAMPLE = (
@@ -228,3 +229,76 @@ class HBoneClientParser:
 
     def parseStreamClient(self, reactor, *args, **kwargs):
         return parseClient(reactor, *args, **kwargs)
+
+
+# -- the h2r: server endpoint string -------------------------------------------------------------
+
+#: A complete ``h2r:`` string.
+H2R_EXAMPLE = (
+    r"h2r:host=gw.example:port=15441:name=laptop:expose=22:certs=./laptop"
+    r":identity=spiffe\://cluster.local/ns/default/sa/gw"
+)
+H2R_FIELDS = ("host", "port", "name", "expose", "certs", "cert", "key", "ca", "identity")
+
+
+def _h2rFail(message: str) -> EndpointStringError:
+    return EndpointStringError(f"h2r: endpoint string: {message} (e.g. {H2R_EXAMPLE})")
+
+
+def parseH2RServer(reactor, *args: str, **kwargs: str):
+    """``serverFromString``'s fields -> an :class:`hbone.h2r.H2RServerEndpoint`.
+
+    ``host``/``port`` the gateway (a comma in ``host`` registers with several, each on
+    ``port``); ``name`` the name the gateway binds to our identity; ``expose`` the
+    port(s) of that name served by the factory (comma-separated); our identity
+    (``certs`` or ``cert``/``key``/``ca``); ``identity`` the gateway's SPIFFE ID."""
+    if args:
+        raise _h2rFail(rf"stray field {args[0]!r}: every field is key=value, and a ':' inside a value is "
+                       rf"written '\:'")
+    unknown = sorted(set(kwargs) - set(H2R_FIELDS))
+    if unknown:
+        raise _h2rFail(f"unknown field {unknown[0]}=; the fields are {', '.join(H2R_FIELDS)}")
+    hosts = [h.strip() for h in kwargs.get("host", "").split(",") if h.strip()]
+    if not hosts:
+        raise _h2rFail("host= missing: the gateway's address")
+    try:
+        port = _portOf(kwargs.get("port", "15441"))
+    except EndpointStringError as e:
+        raise _h2rFail(str(e).split(": ", 2)[-1].split(" (e.g.")[0]) from None
+    name = kwargs.get("name", "").strip().lower()
+    if not name:
+        raise _h2rFail("name= missing: the name the gateway binds to this node")
+    try:
+        exposed = [int(p) for p in kwargs.get("expose", "").split(",") if p.strip()]
+    except ValueError:
+        raise _h2rFail(f"expose={kwargs.get('expose')!r}: expected port numbers, e.g. 22 or 80,443") from None
+    if not exposed or not all(0 < p < 65536 for p in exposed):
+        raise _h2rFail("expose= missing or out of range: the port(s) of the name this factory serves")
+    try:
+        identities = _identitiesOf(kwargs.get("identity"))
+        key = _identityKey(kwargs.get("certs"), kwargs.get("cert"), kwargs.get("key"), kwargs.get("ca"))
+        gateways = [(_hostOf(h, port), port) for h in hosts]
+    except EndpointStringError as e:  # the shared checks speak of hbone: strings
+        core = str(e).removeprefix("hbone: endpoint string: ").split(" (e.g. hbone:")[0]
+        raise _h2rFail(core) from None
+    from hbone.h2r import H2RServerEndpoint
+    from hbone.tls import Identity, IdentityConfigError
+
+    try:
+        identity = Identity.fromDirectory(key[1]) if key[0] == "certs" else Identity.fromFiles(*key[1:])
+    except IdentityConfigError as e:
+        raise _h2rFail(str(e)) from None
+    return H2RServerEndpoint(reactor, identity, gateways, identities, [(name, p) for p in exposed])
+
+
+from twisted.internet.interfaces import IStreamServerEndpointStringParser  # noqa: E402
+
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class H2RServerParser:
+    """The ``h2r:`` prefix for :func:`twisted.internet.endpoints.serverFromString`."""
+
+    prefix = "h2r"
+
+    def parseStreamServer(self, reactor, *args, **kwargs):
+        return parseH2RServer(reactor, *args, **kwargs)

@@ -42,6 +42,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.logger import Logger
+from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import implementer
 
 from hbone.address import Target, formatForwarded, newTraceparent, parseAuthority
@@ -52,7 +53,7 @@ from hbone.identity import IdentityPattern
 from hbone.interfaces import IDialer
 
 __all__ = ["ALPN_H2R", "Backoff", "Registry", "RegistryDialer", "ExportDialer", "ReverseConnector",
-           "H2RStatus", "H2RRegistration", "parseBindings", "gatewayFactory"]
+           "H2RStatus", "H2RRegistration", "H2RServerEndpoint", "parseBindings", "gatewayFactory"]
 
 ALPN_H2R = b"h2r"
 MAX_INSTANCES = 8
@@ -489,3 +490,89 @@ class ReverseConnector(Service):
         delay = self.backoff.lost(liveFor)
         self._status("retrying", f"connection lost after {liveFor:.0f}s: {reason.getErrorMessage()}", delay)
         self._timer = self.reactor.callLater(delay, self._dial)
+
+
+# -- the h2r: server endpoint (embedding) ---------------------------------------------------
+
+
+class _FactoryStreams:
+    """A node's stream handler that hands each exported stream to a Twisted factory
+    (no socket: the stream is the transport)."""
+
+    log = Logger(namespace="hbone.h2r")
+
+    def __init__(self, exports, factory, events=None) -> None:
+        self.exports = {(n.lower(), p) for n, p in exports}
+        self.factory = factory
+        self.events = events
+
+    def __call__(self, stream, headers) -> None:
+        from hbone.errors import RequestError
+        from hbone.h2.server import parseTunnelRequest
+
+        conn = stream.connection
+        try:
+            parsed = parseTunnelRequest(headers)
+            if parsed.form != "connect":
+                raise RequestError("only CONNECT is served on a reverse (H2R) connection")
+        except RequestError as e:
+            self.log.info("H2R stream refused: 400 {reason}", reason=str(e))
+            conn.respond(stream, 400, error="http_request_error")
+            return
+        target = parsed.target
+        if (target.host.lower(), target.port) not in self.exports:
+            self.log.info("H2R stream refused: 403 {target} is not exported", target=target.authority())
+            conn.respond(stream, 403, error="http_request_denied")
+            return
+        protocol = self.factory.buildProtocol(stream.getPeer())
+        if protocol is None:
+            conn.respond(stream, 503, error="destination_unavailable")
+            return
+        stream.authority = target.authority()
+        conn.respond(stream, 200)
+        stream.makeConnection(protocol)
+
+
+class _H2RPort:
+    """What ``H2RServerEndpoint.listen`` returns: ``stopListening`` ends the registrations."""
+
+    def __init__(self, connectors, factory) -> None:
+        self.connectors = connectors
+        self.factory = factory
+
+    def getHost(self):
+        return self.connectors[0].gateway if self.connectors else None
+
+    def stopListening(self) -> defer.Deferred:
+        ds = [defer.maybeDeferred(c.stopService) for c in self.connectors if c.running]
+        self.factory.doStop()
+        return defer.DeferredList(ds)
+
+
+@implementer(IStreamServerEndpoint)
+class H2RServerEndpoint:
+    """``listen(factory)`` registers with the gateway(s) and serves every stream the
+    gateway opens for an exported (name, port) with ``factory``'s protocol; any
+    Twisted server can be reached through the gateway without opening a port."""
+
+    def __init__(self, reactor, identity, gateways, identities, exports, settings=ConnectionSettings(),
+                 events=None, name: str = "hbone") -> None:
+        self.reactor = reactor
+        self.identity = identity
+        self.gateways = list(gateways)
+        self.identities = identities
+        self.exports = list(exports)
+        self.settings = settings
+        self.events = events
+        self.name = name
+
+    def listen(self, protocolFactory) -> defer.Deferred:
+        protocolFactory.doStart()
+        handler = _FactoryStreams(self.exports, protocolFactory, self.events)
+        connectors = []
+        for host, port in self.gateways:
+            c = ReverseConnector(self.reactor, self.identity, host, port, self.identities, handler, self.settings,
+                                 self.events, name=self.name)
+            c.startService()
+            connectors.append(c)
+        return defer.succeed(_H2RPort(connectors, protocolFactory))
