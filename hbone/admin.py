@@ -85,6 +85,23 @@ def connectionRows(node) -> list[dict]:
     return rows
 
 
+def h2rRows(node) -> dict:
+    """Gateway: the registrations by name; node: its gateways and their state."""
+    now = node.reactor.seconds()
+    out = {"registrations": [], "gateways": []}
+    registry = getattr(node, "registry", None)
+    if registry is not None:
+        for name in sorted(registry.bindings):
+            for key, conn in registry.instances.get(name, []):
+                out["registrations"].append({
+                    "name": name, "identity": key[0], "instance": key[1][:16],
+                    "streams": len(conn.streams), "live": bool(conn.ready and not conn.closed and not conn.goingAway),
+                    "age": round(now - conn._readyAt, 3) if conn.ready else 0.0})
+    for c in getattr(node, "connectors", ()):
+        out["gateways"].append({"gateway": c.gateway, "state": c.state})
+    return out
+
+
 def readiness(node) -> tuple[bool, dict]:
     checks = {}
     unbound = [str(s.spec) for s in node.listeners if s.port is None and s.spec.scheme != "admin"]
@@ -208,6 +225,7 @@ class AdminSite(Site):
         root.putChild(b"readyz", _Json(ready))
         root.putChild(b"tunnels", _Json(lambda: (200, tunnelRows(node))))
         root.putChild(b"connections", _Json(lambda: (200, connectionRows(node))))
+        root.putChild(b"h2r", _Json(lambda: (200, h2rRows(node))))
         root.putChild(b"throughput", _Json(lambda: (200, {"every": self.throughput.every,
                                                           "samples": list(self.throughput.samples)})))
         super().__init__(root)

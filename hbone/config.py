@@ -14,10 +14,11 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+from hbone.address import parseAuthority
 from hbone.urls import HopSpec, ListenerSpec, URLError, parseHop, parseListener
 
 __all__ = ["ConfigError", "loadConfig", "NODE_KEYS", "LISTENER_KEYS", "CHAIN_KEYS", "RULE_KEYS", "ROUTE_KEYS",
-           "ADMIN_KEYS"]
+           "ADMIN_KEYS", "H2R_KEYS"]
 
 #: [node] keys and what each expects.
 NODE_KEYS = {
@@ -56,6 +57,13 @@ ROUTE_KEYS = {
     "subset": "Istio names only: the subset this route serves (outbound_.PORT_.SUBSET_.FQDN); absent: any",
     "chain": "the [chain:NAME] toward the target, or 'none' to dial directly; absent: the listener's chain",
     "listener": "the [listener:NAME] (an sni:// listener) whose table this route is in; absent: every sni listener",
+}
+#: [h2r] keys (reverse tunnels, PROTOCOL §9).
+H2R_KEYS = {
+    "bind": "gateway: NAME=SPIFFEID, one per line: the identities allowed to serve each name (none by default)",
+    "export": "node: NAME:PORT TARGET, one per line, e.g. laptop:22 127.0.0.1:22: what the gateway may "
+              "open here (the node's whole destination policy)",
+    "gateways": "node: h2r://host:port?identity=SPIFFEID, one per line: the gateways to register with",
 }
 #: [admin] keys.
 ADMIN_KEYS = {
@@ -141,6 +149,7 @@ def loadConfig(path: str | os.PathLike, identityLoader=None):
     rules: dict[str, dict[str, str]] = {}
     routes: dict[str, dict[str, str]] = {}
     admin: dict[str, str] = {}
+    h2r: dict[str, str] = {}
     for section in parser.sections():
         kind, _, name = section.partition(":")
         if section == "node":
@@ -155,9 +164,11 @@ def loadConfig(path: str | os.PathLike, identityLoader=None):
             allowed, target = ROUTE_KEYS, routes.setdefault(name, {})
         elif section == "admin":
             allowed, target = ADMIN_KEYS, admin
+        elif section == "h2r":
+            allowed, target = H2R_KEYS, h2r
         else:
             raise ConfigError(f"{path}: unknown section [{section}]; expected [node], "
-                              f"[listener:NAME], [chain:NAME], [rule:NAME], [route:NAME] or [admin]")
+                              f"[listener:NAME], [chain:NAME], [rule:NAME], [route:NAME], [h2r] or [admin]")
         for key, value in parser.items(section):
             if key not in allowed:
                 raise ConfigError(f"{path}: [{section}] unknown key {key!r}; expected one of "
@@ -219,7 +230,8 @@ def loadConfig(path: str | os.PathLike, identityLoader=None):
         chain = chainOf(section, "chain", values["chain"]) if "chain" in values else None
         specs.append(replace(spec, options=_relativeOptions(base, spec.options), chain=chain,
                              text=f"{spec.text} [{section}]", name=name))
-    if not specs:
+    bindings, exports, gateways = _h2rSection(path, h2r)
+    if not specs and not exports:
         raise ConfigError(f"{path}: no [listener:NAME] section; a node needs at least one listener")
     if admin:
         if "listen" not in admin:
@@ -271,6 +283,9 @@ def loadConfig(path: str | os.PathLike, identityLoader=None):
         except RouteError as e:
             raise ConfigError(f"{path}: [{section}] {e}") from None
     return NodeSpec(
+        h2rBindings=bindings,
+        exports=exports,
+        gateways=gateways,
         routes=tuple(routeList),
         rules=tuple(ruleList),
         listeners=tuple(specs),
@@ -287,6 +302,47 @@ def loadConfig(path: str | os.PathLike, identityLoader=None):
         certCheckInterval=_number(path, "node", "cert_check_interval", node["cert_check_interval"], zero=True)
         if "cert_check_interval" in node else 5.0,
     )
+
+
+def _h2rSection(path, h2r: dict[str, str]):
+    from hbone.address import AddressError
+
+    bindings = tuple(line.strip() for line in h2r.get("bind", "").splitlines() if line.strip())
+    if bindings:
+        from hbone.h2r import parseBindings
+
+        try:
+            parseBindings(bindings)
+        except ValueError as e:
+            raise ConfigError(f"{path}: [h2r] bind: {e}") from None
+    exports = []
+    for line in h2r.get("export", "").splitlines():
+        if not line.strip():
+            continue
+        parts = line.split()
+        try:
+            if len(parts) != 2:
+                raise AddressError("expected NAME:PORT TARGET")
+            exported, target = parseAuthority(parts[0]), parseAuthority(parts[1])
+        except AddressError as e:
+            raise ConfigError(f"{path}: [h2r] export: {line.strip()!r}: {e} (e.g. laptop:22 127.0.0.1:22)") from None
+        exports.append((exported.host, exported.port, target))
+    gateways = []
+    for line in h2r.get("gateways", "").splitlines():
+        if not line.strip():
+            continue
+        try:
+            hop = parseHop(line.strip())
+        except URLError as e:
+            raise ConfigError(f"{path}: [h2r] gateways: {e}") from None
+        if hop.scheme != "h2r":
+            raise ConfigError(f"{path}: [h2r] gateways: {line.strip()!r} is not an h2r:// URL")
+        gateways.append(hop)
+    if exports and not gateways:
+        raise ConfigError(f"{path}: [h2r] export needs gateways = h2r://gw:15441?identity=... to register with")
+    if gateways and not exports:
+        raise ConfigError(f"{path}: [h2r] gateways: nothing is exported (add export = NAME:PORT TARGET)")
+    return bindings, tuple(exports), tuple(gateways)
 
 
 def _validateList(key: str, items) -> None:

@@ -126,6 +126,28 @@ class Registry:
         self.instances: dict[str, list[tuple[tuple, HBoneH2Protocol]]] = {}  # name -> [(key, conn)]
         self._waiters: dict[str, list[defer.Deferred]] = {}
 
+    def replaceBindings(self, bindings) -> list[str]:
+        """A reload: use ``bindings`` from now on; registrations no longer bound get
+        GOAWAY and close once their streams end. Returns the names dropped."""
+        from hbone.identity import SpiffeId
+
+        self.bindings = dict(bindings)
+        dropped = []
+        for name, entries in list(self.instances.items()):
+            for key, conn in list(entries):
+                ids = self.bindings.get(name, ())
+                if not any(p.matches(SpiffeId.parse(key[0])) for p in ids):
+                    entries.remove((key, conn))
+                    dropped.append(name)
+                    conn._setGoingAway()
+                    conn.goAway()
+                    if not conn.streams:
+                        conn.loseConnection()
+                    self.log.info("H2R: {identity} no longer serves {name}: unbound by a reload",
+                                  identity=key[0], name=name)
+                    self._emit([name], key[0], "lost", "unbound by a reload")
+        return dropped
+
     def isBound(self, name: str) -> bool:
         return name.lower() in self.bindings
 

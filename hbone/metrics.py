@@ -17,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from hbone.events import (CONNECTION_CLOSE_REASONS, HANDSHAKE_FAILURE_REASONS, CertificateRotated,
                           CertificateRotationFailed, ConfigReloaded, ConfigReloadFailed, ConnectionClosed,
                           ConnectionOpened, HandshakeFailed, TunnelClosed, TunnelOpened, TunnelRejected)
+from hbone.h2r import H2RRegistration, H2RStatus
 
 __all__ = ["NodeMetrics", "closeReasonOf", "TUNNEL_CLOSE_REASONS", "REJECTION_ERRORS"]
 
@@ -30,6 +31,8 @@ REJECTION_ERRORS = frozenset({
     "tls_protocol_error", "tls_certificate_error", "http_response_incomplete", "http_protocol_error",
 })
 _DIRECTIONS = frozenset({"inbound", "outbound"})
+_H2R_STATES = frozenset({"registered", "replaced", "lost", "refused"})
+_H2R_STATUS = frozenset({"connected", "retrying", "refused"})
 _ROLES = frozenset({"server", "client"})
 _SETUP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _DURATION_BUCKETS = (0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
@@ -82,6 +85,16 @@ class _StateCollector:
                                        "When our SVID expires (POSIX seconds)")
             expiry.add_metric([], identity.notAfter.timestamp())
             yield expiry
+        registry = getattr(node, "registry", None)
+        if registry is not None:
+            regs = GaugeMetricFamily("hbone_h2r_registrations", "Live H2R registrations (gateway)")
+            regs.add_metric([], sum(len(registry.live(name)) for name in registry.bindings))
+            yield regs
+        connectors = getattr(node, "connectors", ())
+        if connectors:
+            up = GaugeMetricFamily("hbone_h2r_gateways_connected", "Gateways this node is registered with")
+            up.add_metric([], sum(1 for c in connectors if c.state == "connected"))
+            yield up
         draining = GaugeMetricFamily("hbone_draining", "1 while the node drains (SIGTERM)")
         draining.add_metric([], 1 if node.isDraining else 0)
         yield draining
@@ -111,6 +124,10 @@ class NodeMetrics:
         self.handshakeFailures = Counter("hbone_handshake_failures", "Connections to HBONE listeners that "
                                          "never became usable, by why", ["reason"], registry=r)
         self.reloads = Counter("hbone_config_reloads", "Config reloads (SIGHUP)", ["result"], registry=r)
+        self.h2rEvents = Counter("hbone_h2r_registration_events", "H2R registrations (gateway) by what happened",
+                                 ["state"], registry=r)
+        self.h2rStatus = Counter("hbone_h2r_gateway_events", "This node's H2R connections by what happened",
+                                 ["state"], registry=r)
         self.rotations = Counter("hbone_certificate_rotations", "Certificate files loaded after a change",
                                  ["result"], registry=r)
         for role in _ROLES:
@@ -153,6 +170,10 @@ class NodeMetrics:
             self.reloads.labels("applied").inc()
         elif isinstance(event, ConfigReloadFailed):
             self.reloads.labels("refused").inc()
+        elif isinstance(event, H2RRegistration):
+            self.h2rEvents.labels(_pick(event.state, _H2R_STATES)).inc()
+        elif isinstance(event, H2RStatus):
+            self.h2rStatus.labels(_pick(event.state, _H2R_STATUS)).inc()
         elif isinstance(event, CertificateRotated):
             self.rotations.labels("rotated").inc()
         elif isinstance(event, CertificateRotationFailed):

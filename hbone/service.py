@@ -189,7 +189,7 @@ class Node(MultiService):
         self.dialer = self._dialerFor(spec.hops)
         self.listeners: list[_ListenerService] = []
         self.h2Factories: list = []  # the HTTP/2 server factories of the listeners (drain)
-        self.reloadHooks: list = [self._reloadRoutes]  # (NodeSpec) -> names of what changed
+        self.reloadHooks: list = [self._reloadRoutes, self._reloadBindings]  # (NodeSpec) -> what changed
         self._routers: list = []  # (ListenerSpec, hbone.sni.Router) of the sni listeners
         self._drainWaiters: list[defer.Deferred] = []
         self._drainSummary: dict | None = None
@@ -312,6 +312,15 @@ class Node(MultiService):
         for listener, router in self._routers:
             router.replace(self._routesFor(listener, spec.routes))
         return ["routes"]
+
+    def _reloadBindings(self, spec: NodeSpec) -> list[str]:
+        if self.registry is None or spec.h2rBindings == self.spec.h2rBindings:
+            return []
+        from hbone.h2r import parseBindings
+
+        listenerBinds = [v for l in self.spec.listeners if l.scheme == "h2r" for k, v in l.options if k == "bind"]
+        self.registry.replaceBindings(parseBindings(list(spec.h2rBindings) + listenerBinds))
+        return ["h2r bindings"]
 
     def _h2cFactory(self, spec: ListenerSpec, dialer):
         from hbone.h2.server import checkH2cSafety, h2cServerFactory
@@ -444,7 +453,7 @@ class Node(MultiService):
         self.spec = replace(old, allow=spec.allow, deny=spec.deny, allowPeers=spec.allowPeers,
                             rules=spec.rules, idleTimeout=spec.idleTimeout, drainTimeout=spec.drainTimeout,
                             connectTimeout=spec.connectTimeout, certCheckInterval=spec.certCheckInterval,
-                            routes=spec.routes)
+                            routes=spec.routes, h2rBindings=spec.h2rBindings)
         reset = self.recheckTunnels()
         self.log.info("reloaded {source}: {changed}{ignored}; {reset} live tunnels reset",
                       source=source, changed=", ".join(changed) or "nothing changed",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hbone.config import (ADMIN_KEYS, CHAIN_KEYS, LISTENER_KEYS, NODE_KEYS, ROUTE_KEYS, RULE_KEYS, ConfigError,
+from hbone.config import (ADMIN_KEYS, CHAIN_KEYS, H2R_KEYS, LISTENER_KEYS, NODE_KEYS, ROUTE_KEYS, RULE_KEYS, ConfigError,
                           loadConfig)
 from hbone.identity import IdentityPattern
 
@@ -79,7 +79,7 @@ def test_everyDocumentedKey_roundTrips(tmp_path):
     assert byScheme["h2c"].option("audience") == "https://lb.example"
     # the documentation lists exactly the keys the loader accepts
     doc = (ROOT / "docs" / "config.md").read_text()
-    for key in list(NODE_KEYS) + list(LISTENER_KEYS) + list(CHAIN_KEYS) + list(RULE_KEYS) + list(ROUTE_KEYS) + list(ADMIN_KEYS):
+    for key in list(NODE_KEYS) + list(LISTENER_KEYS) + list(CHAIN_KEYS) + list(RULE_KEYS) + list(ROUTE_KEYS) + list(ADMIN_KEYS) + list(H2R_KEYS):
         assert f"`{key}`" in doc, key
 
 
@@ -99,7 +99,7 @@ def test_allowListSplitsOnCommasAndLines(tmp_path):
     "text, message",
     [
         ("[node]\nalow = 1\n[listener:a]\nurl = tcp://:1/h:1\n", "[node] unknown key 'alow'; expected one of allow,"),
-        ("[nodes]\n", "unknown section [nodes]; expected [node], [listener:NAME], [chain:NAME], [rule:NAME], [route:NAME] or [admin]"),
+        ("[nodes]\n", "unknown section [nodes]; expected [node], [listener:NAME], [chain:NAME], [rule:NAME], [route:NAME], [h2r] or [admin]"),
         ("[listener:a]\nurl = tcp://:7000\n", "[listener:a] url: -L tcp://:7000: a tcp listener needs a fixed target"),
         ("[listener:a]\nport = 1\n", "[listener:a] unknown key 'port'; expected one of chain, url"),
         ("[listener:a]\nchain = x\n", "[listener:a] url: missing"),
@@ -189,3 +189,30 @@ def test_routeMistakes_areOneLine(tmp_path, text, message):
         load(conf)
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_h2rSection(tmp_path):
+    conf = tmp_path / "node.ini"
+    conf.write_text("[h2r]\nexport = laptop:22 127.0.0.1:22\n    laptop:80 10.0.0.5:8080\n"
+                    "gateways = h2r://gw.example:15441?identity=spiffe://cluster.local/ns/default/sa/gw\n")
+    spec = load(conf)
+    assert [(n, p, t.authority()) for n, p, t in spec.exports] == [("laptop", 22, "127.0.0.1:22"),
+                                                                   ("laptop", 80, "10.0.0.5:8080")]
+    assert [str(g) for g in spec.gateways] == ["h2r://gw.example:15441?identity=spiffe://cluster.local/ns/default/sa/gw"]
+    conf.write_text("[listener:r]\nurl = h2r://0.0.0.0:15441\n[h2r]\nbind = laptop=spiffe://cluster.local/ns/default/sa/laptop\n")
+    assert load(conf).h2rBindings == ("laptop=spiffe://cluster.local/ns/default/sa/laptop",)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[h2r]\nexport = laptop:22\ngateways = h2r://gw:15441\n", "[h2r] export: 'laptop:22': expected NAME:PORT TARGET"),
+    ("[h2r]\nexport = laptop:22 127.0.0.1:22\n", "export needs gateways"),
+    ("[h2r]\nexport = laptop:22 127.0.0.1:22\ngateways = hbone://gw:15008\n", "is not an h2r:// URL"),
+    ("[listener:r]\nurl = h2r://:15441\n[h2r]\nbind = laptop\n", "[h2r] bind: bind='laptop': expected NAME=SPIFFEID"),
+    ("[listener:r]\nurl = h2r://:15441\n[h2r]\nbnd = x=y\n", "[h2r] unknown key 'bnd'"),
+])
+def test_h2rMistakes_areOneLine(tmp_path, text, message):
+    conf = tmp_path / "bad.ini"
+    conf.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load(conf)
+    assert message in str(e.value)

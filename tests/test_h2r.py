@@ -488,3 +488,37 @@ def test_h2rEndpointStringErrors(tmp_path):
             serverFromString(MemoryReactorClock(), text)
         assert message in str(caught.value), (text, str(caught.value))
         assert str(caught.value).startswith("h2r: endpoint string: ")
+
+
+class H2RReloadAndMetricsTests(_H2RCase):
+    def test_reloadUnbinds_andTheAdminShowsRegistrations(self):
+        async def go():
+            import json
+            import urllib.request
+
+            from twisted.internet.threads import deferToThread
+
+            echo, echoPort = await self.echo()
+            gw = await self.start(NodeSpec(
+                listeners=(parseListener("h2r://127.0.0.1:0"), parseListener("admin://127.0.0.1:0")),
+                h2rBindings=(f"laptop={NODE_ID}",), identity=pki.identity(GW_ID), drainTimeout=0))
+            h2rPort, adminPort = list(gw.boundPorts().values())
+            await self.reverseNode(h2rPort, [f"laptop:22/127.0.0.1:{echoPort}"])
+            await waitFor(lambda: gw.registry.live("laptop"))
+
+            def get(path):
+                with urllib.request.urlopen(f"http://127.0.0.1:{adminPort}{path}", timeout=10) as r:
+                    return r.read().decode()
+
+            rows = json.loads(await deferToThread(get, "/h2r"))
+            self.assertEqual([(r["name"], r["identity"], r["live"]) for r in rows["registrations"]],
+                             [("laptop", NODE_ID, True)])
+            metrics = await deferToThread(get, "/metrics")
+            self.assertIn("hbone_h2r_registrations 1.0", metrics)
+            self.assertIn('hbone_h2r_registration_events_total{state="registered"} 1.0', metrics)
+            result = gw.reload(NodeSpec(listeners=gw.spec.listeners, identity=gw.identity, drainTimeout=0))
+            self.assertIn("h2r bindings", result["changed"])
+            await waitFor(lambda: not gw.registry.live("laptop"))
+            self.assertIn("no longer serves laptop: unbound by a reload", self.logText())
+
+        return defer.Deferred.fromCoroutine(go())
