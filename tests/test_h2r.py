@@ -522,3 +522,101 @@ class H2RReloadAndMetricsTests(_H2RCase):
             self.assertIn("no longer serves laptop: unbound by a reload", self.logText())
 
         return defer.Deferred.fromCoroutine(go())
+
+
+def _conchFactory(authorizedKey: bytes):
+    """A minimal Twisted conch SSH server: public-key login for "me", and an exec
+    that answers ``conch says: <command>``."""
+    import struct
+
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from twisted.conch.avatar import ConchUser
+    from twisted.conch.checkers import InMemorySSHKeyDB, SSHPublicKeyChecker
+    from twisted.conch.interfaces import ISession
+    from twisted.conch.ssh import keys, session
+    from twisted.conch.ssh.factory import SSHFactory
+    from twisted.cred.portal import IRealm, Portal
+    from zope.interface import implementer as impl
+
+    @impl(ISession)
+    class Session:
+        def __init__(self, avatar):
+            self.avatar = avatar
+
+        def execCommand(self, proto, command):
+            proto.write(b"conch says: " + command + b"\n")
+            proto.session.conn.sendRequest(proto.session, b"exit-status", struct.pack(">L", 0))
+            proto.loseConnection()
+
+        def getPty(self, *a):
+            pass
+
+        def openShell(self, proto):
+            proto.loseConnection()
+
+        def eofReceived(self):
+            pass
+
+        def closed(self):
+            pass
+
+    class User(ConchUser):
+        def __init__(self, username):
+            super().__init__()
+            self.username = username
+            self.channelLookup[b"session"] = session.SSHSession
+
+    from twisted.python import components
+
+    components.registerAdapter(Session, User, ISession)
+
+    @impl(IRealm)
+    class Realm:
+        def requestAvatar(self, avatarId, mind, *interfaces):
+            return interfaces[0], User(avatarId), lambda: None
+
+    hostKey = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = hostKey.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.TraditionalOpenSSL, ser.NoEncryption())
+    factory = SSHFactory()
+    factory.privateKeys = {b"ssh-rsa": keys.Key.fromString(pem)}
+    factory.publicKeys = {b"ssh-rsa": keys.Key.fromString(pem).public()}
+    factory.portal = Portal(Realm(), [SSHPublicKeyChecker(InMemorySSHKeyDB({b"me": [keys.Key.fromString(authorizedKey)]}))])
+    return factory
+
+
+class ConchThroughH2RTests(_H2RCase):
+    @pytest.mark.peers
+    def test_aConchSSHServerThroughTheH2REndpoint(self):
+        """A Twisted conch SSH server behind NAT, served by the h2r: endpoint, reached
+        by OpenSSH's ssh with hbone connect as its ProxyCommand."""
+        (ssh, keygen) = requirePeer("ssh", "ssh-keygen")
+        from twisted.internet.endpoints import quoteStringArgument, serverFromString
+        from twisted.internet.threads import deferToThread
+
+        async def go():
+            import tempfile
+
+            scratch = Path(tempfile.mkdtemp(prefix="hbone-conch-"))
+            self.addCleanup(shutil.rmtree, scratch, True)
+            subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(scratch / "me")], check=True)
+            siteCerts = _identityDir(scratch / "site", f"spiffe://{pki.TD}/ns/default/sa/site")
+            meCerts = _identityDir(scratch / "mine", f"spiffe://{pki.TD}/ns/default/sa/me")
+            gw = await self.gateway(bind=(f"site=spiffe://{pki.TD}/ns/default/sa/site",))
+            h2rPort, hbonePort = self.ports(gw)
+            endpoint = serverFromString(
+                reactor, f"h2r:host=127.0.0.1:port={h2rPort}:name=site:expose=22"
+                         f":certs={quoteStringArgument(str(siteCerts))}:identity={quoteStringArgument(GW_ID)}")
+            port = await endpoint.listen(_conchFactory((scratch / "me.pub").read_bytes()))
+            self.addCleanup(port.stopListening)
+            await waitFor(lambda: gw.registry.live("site"))
+            proxy = (f"{sys.executable} -m hbone.cli connect %h:%p --certs {meCerts} "
+                     f"-F hbone://127.0.0.1:{hbonePort}?identity={GW_ID}")
+            out = await deferToThread(subprocess.run, [
+                ssh, "-o", f"ProxyCommand={proxy}", "-o", "StrictHostKeyChecking=no", "-o",
+                "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+                "-i", str(scratch / "me"), "-p", "22", "me@site", "hello"], capture_output=True, timeout=60)
+            self.assertEqual(out.returncode, 0, out.stderr.decode() + self.logText())
+            self.assertEqual(out.stdout, b"conch says: hello\n")
+
+        return defer.Deferred.fromCoroutine(go())
