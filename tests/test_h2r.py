@@ -620,3 +620,113 @@ class ConchThroughH2RTests(_H2RCase):
             self.assertEqual(out.stdout, b"conch says: hello\n")
 
         return defer.Deferred.fromCoroutine(go())
+
+
+class H2RSharingTests(_H2RCase):
+    def test_severalGatewaysAndNames_andTheSNIGatewayReachesAnH2RName(self):
+        """A node registers with two gateways (``-F h2r://gw1,gw2``) for two names; the
+        registry serves every listener of its gateway process: an SNI route whose
+        target is a bound name goes over the node's connection."""
+
+        async def go():
+            import socket as socketlib
+
+            from twisted.internet.threads import deferToThread
+
+            from hbone.sni import parseRoute
+            from tests.test_clienthello import handshake, records, sniExt
+
+            echo, echoPort = await self.echo()
+            binds = (f"laptop={NODE_ID}", f"files={NODE_ID}")
+            gw1 = await self.gateway(bind=binds)
+            gw2Spec = NodeSpec(
+                listeners=(parseListener("h2r://127.0.0.1:0?" + "&".join(f"bind={b}" for b in binds)),
+                           parseListener("sni://127.0.0.1:0")),
+                identity=pki.identity(GW_ID), drainTimeout=0,
+                routes=(parseRoute("ssh", "ssh.example", "laptop:22", chain=()),))
+            gw2 = await self.start(gw2Spec)
+            p1 = self.ports(gw1)[0]
+            p2, sniPort = list(gw2.boundPorts().values())
+            spec = NodeSpec(listeners=(parseListener(f"rtcp://laptop:22/127.0.0.1:{echoPort}"),
+                                       parseListener(f"rtcp://files:22/127.0.0.1:{echoPort}")),
+                            hops=(parseHop(f"h2r://127.0.0.1:{p1},127.0.0.1:{p2}?identity={GW_ID}"),),
+                            identity=pki.identity(NODE_ID), drainTimeout=0)
+            node = Node(reactor, spec)
+            node.startService()
+            self.addCleanup(lambda: node.running and node.stopService())
+            self.assertEqual(len(node.connectors), 2)
+            await waitFor(lambda: all(g.registry.live(n) for g in (gw1, gw2) for n in ("laptop", "files")))
+            hello = records(handshake(sniExt((0, b"ssh.example"))))
+
+            def through():
+                with socketlib.create_connection(("127.0.0.1", sniPort), timeout=10) as s:
+                    s.sendall(hello)
+                    got = b""
+                    while len(got) < len(hello):
+                        got += s.recv(65536)
+                    return got
+
+            self.assertEqual(await deferToThread(through), hello)  # the echo behind the node answered
+            self.assertEqual(echo.accepted, 1)
+
+        return defer.Deferred.fromCoroutine(go())
+
+
+def test_S44_connectorBackoff_withAFakeClock():
+    """The node's redial schedule, driven by a fake clock: failures 1, 2, 4, 8, 16,
+    30, 30 s (+-20 %); after a registration that stayed live 30 s, 1 s again; a
+    refusal is retried at 30 s and logged as an error every time."""
+    from twisted.internet import error as terror
+    from twisted.internet.defer import fail
+
+    from hbone.errors import HopIdentityError
+
+    clock = task.Clock()
+    outcomes = []
+
+    class Failing:
+        def connect(self, factory):
+            return fail(outcomes.pop(0))
+
+    from hbone.h2r import ReverseConnector
+
+    connector = ReverseConnector(clock, pki.identity(NODE_ID), "127.0.0.1", 15441, None, None,
+                                 backoff=Backoff(rng=random.Random(5)), endpointFactory=lambda h, p: Failing())
+    seen = []
+    connector.events = type("E", (), {"emit": staticmethod(seen.append)})()
+    logged = []
+    observer = lambda e: logged.append(e)  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        outcomes.extend(terror.ConnectionRefusedError() for _ in range(7))
+        connector.startService()
+        delays = []
+        for _ in range(7):
+            (call,) = clock.getDelayedCalls()
+            delays.append(call.getTime() - clock.seconds())
+            if len(delays) < 7:
+                clock.advance(delays[-1])
+        for got, base in zip(delays, [1, 2, 4, 8, 16, 30, 30]):
+            assert base * 0.8 <= got <= base * 1.2, delays
+        # a registration that stayed live 30 s, then lost: back to 1 s
+        clock.getDelayedCalls()[0].cancel()
+        connector._liveSince = clock.seconds() - 30
+        connector._lost(None, __import__("twisted.python.failure", fromlist=["Failure"]).Failure(
+            terror.ConnectionLost("gone")))
+        (call,) = clock.getDelayedCalls()
+        assert 0.8 <= call.getTime() - clock.seconds() <= 1.2
+        # refusals: at the cap, an error logged each time
+        outcomes.extend(HopIdentityError("refused") for _ in range(2))
+        for _ in range(2):
+            clock.advance(call.getTime() - clock.seconds())
+            (call,) = clock.getDelayedCalls()
+            assert 24 <= call.getTime() - clock.seconds() <= 36
+        errors = [e for e in logged if "refused us" in e.get("log_format", "")]
+        assert len(errors) == 2
+        assert [s.state for s in seen][-2:] == ["refused", "refused"]
+        assert isinstance(seen[0], H2RStatus) and seen[0].retryIn is not None
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        connector.running = False
+        for call in clock.getDelayedCalls():
+            call.cancel()
