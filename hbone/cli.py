@@ -53,14 +53,26 @@ examples:
   # the same node from a config file (see docs/config.md)
   hbone -C conf/node.ini
 
+  # a laptop behind NAT serves its sshd through a gateway (docs/reverse-tunnels.md)
+  hbone --certs ./laptop -L rtcp://laptop:22/127.0.0.1:22 -F "h2r://gw.example:15441?identity=ID"
+
+  # live tunnels of a running node with an admin listener; SIGTERM drains, SIGHUP reloads
+  hbone status --admin 127.0.0.1:15000
+
 listeners (-L):  [auto://][user:pass@][host]:port   HTTP and SOCKS proxy, sniffed (also http://, socks5://, socks4://)
                  tcp://[host]:port/target            fixed-target forwarder
                  hbone://[host]:port                 HBONE server (CONNECT and POST /_hbone/ over mTLS HTTP/2)
                  h2c://[host]:port?jwks=F&audience=A HBONE over cleartext HTTP/2 behind a TLS-terminating
                                                      load balancer, bearer JWT-SVIDs (?insecure=1: loopback only)
+                 sni://[host]:port                   SNI gateway: routes TLS by its server name, unterminated
+                                                     (Istio names through -F; a route table in the config file)
+                 h2r://[host]:port?bind=NAME=ID      reverse-tunnel gateway: nodes behind NAT register here
+                 rtcp://NAME:PORT/target             export NAME:PORT through the -F h2r:// gateway(s)
+                 admin://[host]:port                 metrics, health, live tunnels (page and JSON)
 hops (-F):       hbone://host:port[?identity=ID-or-pattern][&method=post]
                  hbone://lb:443?tls=server&token=@FILE[&method=post]   toward a TLS-terminating load balancer
                  h2c://host:port?token=@FILE   http2://[user:pass@]host:port   http://..   socks5://..
+                 h2r://gw:15441[,gw2:15441]?identity=ID   the gateway(s) rtcp:// exports register with
                  host1:port,host2:port in one hop: a group, one node per tunnel with failover
 An omitted listener host binds 127.0.0.1 (gost binds every address); a proxy listener on another
 address needs user:pass@. Quote URLs with ? or &. A hop without identity= accepts any SVID of our
