@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import textwrap
 
 from twisted.logger import (
     FilteringLogObserver,

@@ -15,17 +15,17 @@ import pytest
 from twisted.application.service import MultiService
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint, clientFromString, quoteStringArgument
-from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpointStringParserWithReactor
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IStreamClientEndpointStringParserWithReactor
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import IPlugin
 from twisted.trial import unittest
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 import hbone
 from hbone.endpoints import EndpointStringError, HBoneClientParser, parseClient
 from tests import pki
+from tests.protocols import Client, Echo
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "serve_web_through_hbone.py"
@@ -299,42 +299,8 @@ def test_makeNodeFromKeywordsAndFromConfig(ids, tmp_path):
 # -- real tunnels ---------------------------------------------------------------
 
 
-@implementer(IHalfCloseableProtocol)
-class Echo(Protocol):
-    def dataReceived(self, data):
-        self.transport.write(data)
-
-    def readConnectionLost(self):
-        self.transport.loseWriteConnection()
-
-    def writeConnectionLost(self):
-        self.transport.loseConnection()
 
 
-@implementer(IHalfCloseableProtocol)
-class Client(Protocol):
-    """Sends a payload, half-closes, collects the answer until the far end closes."""
-
-    def __init__(self, payload: bytes):
-        self.payload = payload
-        self.chunks = []
-        self.done = defer.Deferred()
-
-    def connectionMade(self):
-        self.transport.write(self.payload)
-        self.transport.loseWriteConnection()
-
-    def dataReceived(self, data):
-        self.chunks.append(data)
-
-    def readConnectionLost(self):
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self):
-        pass
-
-    def connectionLost(self, reason):
-        self.done.callback(b"".join(self.chunks))
 
 
 class Boom(Exception):

@@ -9,20 +9,17 @@ import random
 import time
 
 import pytest
-from h2.errors import ErrorCodes
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
-from zope.interface import implementer
 
-from hbone.events import TunnelClosed
 from hbone.h2r import Backoff, H2RRegistration, H2RStatus, parseBindings
 from hbone.service import Node, NodeConfigError, NodeSpec
 from hbone.urls import parseHop, parseListener
 from tests import pki
+from tests.protocols import Client, Echo
 
 NODE_ID = f"spiffe://{pki.TD}/ns/default/sa/laptop"
 OTHER_ID = f"spiffe://{pki.TD}/ns/default/sa/intruder"
@@ -64,44 +61,8 @@ def test_nodeConfigErrors():
                                     hops=(parseHop("h2r://127.0.0.1:15441"),), identity=pki.serverIdentity()))
 
 
-@implementer(IHalfCloseableProtocol)
-class Echo(Protocol):
-    def connectionMade(self):
-        self.factory.accepted += 1
-
-    def dataReceived(self, data):
-        self.transport.write(data)
-
-    def readConnectionLost(self):
-        self.transport.loseWriteConnection()
-
-    def writeConnectionLost(self):
-        self.transport.loseConnection()
 
 
-@implementer(IHalfCloseableProtocol)
-class Client(Protocol):
-    def __init__(self, payload: bytes):
-        self.payload = payload
-        self.chunks = []
-        self.done = defer.Deferred()
-
-    def connectionMade(self):
-        self.transport.write(self.payload)
-        self.transport.loseWriteConnection()
-
-    def dataReceived(self, data):
-        self.chunks.append(data)
-
-    def readConnectionLost(self):
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self):
-        pass
-
-    def connectionLost(self, reason):
-        self.reason = reason
-        self.done.callback(b"".join(self.chunks))
 
 
 async def waitFor(condition, seconds: float = 20.0):

@@ -14,56 +14,21 @@ from pathlib import Path
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.trial import unittest
-from zope.interface import implementer
 
 from hbone.events import TunnelClosed
 from hbone.service import Node, NodeSpec
 from hbone.urls import parseHop, parseListener
 from tests import pki
+from tests.protocols import Client, Echo
 from tests.conftest import pickFreePorts
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@implementer(IHalfCloseableProtocol)
-class Echo(Protocol):
-    def dataReceived(self, data):
-        self.transport.write(data)
-
-    def readConnectionLost(self):
-        self.transport.loseWriteConnection()
-
-    def writeConnectionLost(self):
-        self.transport.loseConnection()
 
 
-@implementer(IHalfCloseableProtocol)
-class Client(Protocol):
-    """Sends a payload, half-closes, collects the answer until the far end closes."""
-
-    def __init__(self, payload: bytes):
-        self.payload = payload
-        self.chunks = []
-        self.done = defer.Deferred()
-
-    def connectionMade(self):
-        self.transport.write(self.payload)
-        self.transport.loseWriteConnection()
-
-    def dataReceived(self, data):
-        self.chunks.append(data)
-
-    def readConnectionLost(self):
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self):
-        pass
-
-    def connectionLost(self, reason):
-        self.done.callback(b"".join(self.chunks))
 
 
 async def waitUntil(condition, step: float = 0.01) -> None:
