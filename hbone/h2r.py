@@ -401,7 +401,9 @@ class ReverseConnector(Service):
 
     def __init__(self, reactor, identity, host: str, port: int, identities, tunnelServer,
                  settings: ConnectionSettings = ConnectionSettings(), events=None, backoff: Backoff | None = None,
-                 connectTimeout: float = 10.0, name: str = "hbone", endpointFactory=None) -> None:
+                 connectTimeout: float = 10.0, name: str = "hbone", endpointFactory=None,
+                 names: tuple[str, ...] = ()) -> None:
+        self.names = tuple(names)  # the names this node exports (for the log)
         self.reactor = reactor
         self.identity = identity
         self.host = host
@@ -424,8 +426,9 @@ class ReverseConnector(Service):
     def _status(self, state: str, detail: str, retryIn: float | None = None) -> None:
         self.state = state
         if state == "refused":
-            self.log.error("H2R gateway {gw} refused us: {detail}; retrying in {t:.1f}s",
-                           gw=self.gateway, detail=detail, t=retryIn)
+            self.log.error("H2R gateway {gw} refused us ({identity}, for {names}): {detail}; retrying in {t:.1f}s",
+                           gw=self.gateway, identity=str(self.identity.localId),
+                           names=", ".join(self.names) or "any name bound to us", detail=detail, t=retryIn)
         elif state == "retrying":
             self.log.info("H2R gateway {gw}: {detail}; retrying in {t:.1f}s", gw=self.gateway, detail=detail,
                           t=retryIn)

@@ -213,7 +213,8 @@ class Node(MultiService):
             for host, port in hop.nodes or ((hop.host, hop.port),):
                 connector = ReverseConnector(self.reactor, self.identity, host, port, hop.identities, server,
                                              self.spec.settings, self.events, connectTimeout=self.spec.connectTimeout,
-                                             name=self.spec.name)
+                                             name=self.spec.name,
+                                             names=tuple(sorted({f"{n}:{p}" for n, p, _ in exports})))
                 connector.setServiceParent(self)
                 self.connectors.append(connector)
         self.readinessChecks["h2r"] = lambda: (

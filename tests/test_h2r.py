@@ -190,7 +190,7 @@ class H2RTests(_H2RCase):
             client = await self.client(hbonePort, "laptop:22")
             got, _ = await self.roundTrip(list(client.boundPorts().values())[0], b"still A")
             self.assertEqual(got, b"still A", self.logText())
-            self.assertIn("refused us", self.logText())
+            self.assertIn(f"refused us ({OTHER_ID}, for laptop:22)", self.logText())
 
         return defer.Deferred.fromCoroutine(go())
 
