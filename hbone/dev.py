@@ -204,6 +204,9 @@ def _devConfig(options) -> int:
                     tries.append(f"curl -x http://127.0.0.1:{port} http://127.0.0.1:{tp}/")
                 if l.scheme in ("auto", "socks5"):
                     tries.append(f"curl --socks5-hostname 127.0.0.1:{port} http://127.0.0.1:{tp}/")
+                if l.scheme == "admin":
+                    tries.append(f"hbone status --admin 127.0.0.1:{port}   (or a browser on "
+                                 f"http://127.0.0.1:{port}/; metrics on /metrics)")
             if options.selftest:
                 return _selftestAll(reactor, node, spec, tp)
             log.info("ready; the demo page is 127.0.0.1:{tp}. Try (Ctrl-C stops):", tp=tp)
@@ -232,6 +235,11 @@ def _selftestAll(reactor, node, spec, targetPort: int):
                 request = b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
             elif l.scheme in ("auto", "http"):
                 request = f"GET http://127.0.0.1:{targetPort}/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode()
+            elif l.scheme == "admin":
+                ok = await _fetch(reactor, port, b"GET /metrics HTTP/1.0\r\n\r\n", b"hbone_tunnels_opened_total")
+                sys.stdout.write(f"selftest admin 127.0.0.1:{port}: {'ok' if ok else 'FAILED'}\n")
+                code = code or (0 if ok else 1)
+                continue
             else:
                 continue
             ok = await _fetch(reactor, port, request)
@@ -242,7 +250,7 @@ def _selftestAll(reactor, node, spec, targetPort: int):
     return defer.Deferred.fromCoroutine(go())
 
 
-async def _fetch(reactor, port: int, request: bytes) -> bool:
+async def _fetch(reactor, port: int, request: bytes, expect: bytes = b"reached through an HBONE tunnel") -> bool:
     from twisted.internet import defer
     from twisted.internet.endpoints import TCP4ClientEndpoint
     from twisted.internet.protocol import Factory, Protocol
@@ -265,4 +273,4 @@ async def _fetch(reactor, port: int, request: bytes) -> bool:
     except Exception as e:
         sys.stderr.write(f"hbone: selftest: 127.0.0.1:{port}: {e}\n")
         return False
-    return b" 200 " in body.split(b"\r\n", 1)[0] and b"reached through an HBONE tunnel" in body
+    return b" 200 " in body.split(b"\r\n", 1)[0] and expect in body
