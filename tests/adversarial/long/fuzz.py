@@ -13,8 +13,8 @@ deadline per input).
 Targets: ``:authority``, the ``/_hbone/`` path, ``forwarded``, ``traceparent``,
 ``baggage``, SPIFFE IDs and ID patterns, the HBONE request (pseudo-headers and
 headers), the HTTP/1.1 proxy request head, the SOCKS5 handshake, hbone's HTTP/2
-frame-header scanner, and a whole server-role HBoneH2Protocol. (The ClientHello
-and Istio-SNI parsers join with the SNI gateway.)
+frame-header scanner, a whole server-role HBoneH2Protocol, the ClientHello parser
+(fed in reads of 13 bytes) and Istio SNI names.
 """
 
 from __future__ import annotations
@@ -113,6 +113,25 @@ def targets() -> dict:
         clock.advance(0)
         assert proto.streams == {}, "a stream outlived its connection"
 
+    from hbone.clienthello import ClientHelloError, ClientHelloParser, parseIstioSni
+
+    def clientHello(data):
+        parser = ClientHelloParser()
+        for i in range(0, len(data), 13):
+            if parser.feed(data[i : i + 13]) is not None:
+                break
+
+    def istioSni(data):
+        parseIstioSni(_text(data))
+
+    sniName = b"outbound_.9080_._.reviews.default.svc.cluster.local"
+    sniExt = (b"\x00\x00" + (len(sniName) + 5).to_bytes(2, "big") + (len(sniName) + 3).to_bytes(2, "big")
+              + b"\x00" + len(sniName).to_bytes(2, "big") + sniName)
+    body = (b"\x03\x03" + bytes(32) + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
+            + len(sniExt).to_bytes(2, "big") + sniExt)
+    hs = b"\x01" + len(body).to_bytes(3, "big") + body
+    helloSeed = b"\x16\x03\x01" + len(hs).to_bytes(2, "big") + hs
+
     from hyperframe.frame import DataFrame, HeadersFrame, PingFrame, SettingsFrame
     from hpack import Encoder
 
@@ -141,6 +160,9 @@ def targets() -> dict:
                                           b"a\x05\x01\x02\x01\x04user\x04pass"]),
         "frame_scanner": (frameScanner, (), [h2seed]),
         "h2_server": (h2Server, (), [h2seed]),
+        "client_hello": (clientHello, (ClientHelloError,), [helloSeed]),
+        "istio_sni": (istioSni, (), [b"outbound_.9080_.v1_.reviews.default.svc.cluster.local",
+                                     b"outbound_.443_._.a.example"]),
     }
 
 
