@@ -438,6 +438,7 @@ class Node(MultiService):
             changed.append("drain_timeout")
         if spec.connectTimeout != old.connectTimeout:
             for dialer in self._dialers.values():
+                dialer = getattr(dialer, "inner", dialer)  # a RegistryDialer wraps the real one
                 if hasattr(dialer, "connectTimeout"):
                     dialer.connectTimeout = spec.connectTimeout
             changed.append("connect_timeout")

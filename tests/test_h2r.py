@@ -691,3 +691,11 @@ def test_S44_connectorBackoff_withAFakeClock():
         connector.running = False
         for call in clock.getDelayedCalls():
             call.cancel()
+
+
+def test_reloadReachesTheDialerInsideTheRegistryWrapper():
+    node = Node(task.Clock(), NodeSpec(listeners=(parseListener("h2r://127.0.0.1:0"),
+                                                  parseListener("tcp://127.0.0.1:0/127.0.0.1:9")),
+                                       identity=pki.identity(GW_ID)))
+    node.reload(NodeSpec(listeners=node.spec.listeners, identity=node.identity, connectTimeout=2.5))
+    assert node.dialer.inner.connectTimeout == 2.5
