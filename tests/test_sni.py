@@ -148,7 +148,10 @@ class TLSBackend:
 
 
 def tlsRoundTrip(port: int, serverName: str, caFile: str, payload: bytes) -> tuple[bytes, bytes]:
-    """Python ssl client: handshake through the gateway, send ``payload``, read it back."""
+    """Python ssl client: handshake through the gateway, send ``payload``, read it back
+    (one thread: an SSL socket must not be read and written from two threads)."""
+    import select
+
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False  # the SNI is a routing name; the certificate is compared below
     ctx.load_verify_locations(caFile)
@@ -156,18 +159,18 @@ def tlsRoundTrip(port: int, serverName: str, caFile: str, payload: bytes) -> tup
         with ctx.wrap_socket(raw, server_hostname=serverName) as s:
             der = s.getpeercert(binary_form=True)
             got = bytearray()
-
-            def reader():
-                while len(got) < len(payload):
+            for i in range(0, len(payload), 65536):  # payload < the tunnel's windows: no deadlock
+                s.sendall(payload[i:i + 65536])
+                while s.pending() or select.select([s], [], [], 0)[0]:
                     data = s.recv(65536)
                     if not data:
                         break
                     got.extend(data)
-
-            t = threading.Thread(target=reader)
-            t.start()
-            s.sendall(payload)
-            t.join(30)
+            while len(got) < len(payload):
+                data = s.recv(65536)
+                if not data:
+                    break
+                got.extend(data)
             return der, bytes(got)
 
 
