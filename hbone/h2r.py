@@ -41,8 +41,10 @@ from cryptography.hazmat.primitives import serialization
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.logger import Logger
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hbone.address import Target, formatForwarded, newTraceparent, parseAuthority
@@ -264,27 +266,22 @@ class _GatewayProtocol(HBoneH2Protocol):
             self.goAway()
             self.loseConnection()
 
-    def connectionLost(self, reason=None) -> None:
-        if self.registry is not None and getattr(self, "_names", None):
-            self.registry.unregister(self, reason.getErrorMessage() if reason is not None else "closed")
-        if reason is None:
-            super().connectionLost()
-        else:
-            super().connectionLost(reason)
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        if getattr(self, "_names", None):
+            self.registry.unregister(self, reason.getErrorMessage())
+        super().connectionLost(reason)
 
 
 class _GatewayH2Factory(HBoneH2Factory):
+    protocol = _GatewayProtocol
+
     def __init__(self, registry: Registry, *args, **kw) -> None:
         super().__init__(*args, **kw)
         self.registry = registry
 
     def buildProtocol(self, addr):
-        p = _GatewayProtocol("client", self.clock, self.settings, None, self.expectALPN, self.localIdentity,
-                             self.name, gate=self.gate, processLimits=self.processLimits, rejections=self.rejections)
+        p = super().buildProtocol(addr)
         p.registry = self.registry
-        p.factory = self
-        p.events = self.events
-        self.connections.add(p)
         return p
 
 

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from twisted.logger import Logger
-
 from hbone.address import AddressError, Target, parseAuthority
 from hbone.clienthello import (UNRECOGNIZED_NAME_ALERT, ClientHelloError, ClientHelloParser,
                                checkServerName, parseIstioSni)
@@ -119,8 +117,6 @@ class Router:
     :param implicitChain: whether the listener has a chain of its own for the
         implicit Istio route (used only when ``routes`` is empty).
     """
-
-    log = Logger()
 
     def __init__(self, routes, dialerFor, implicitChain: bool) -> None:
         self.dialerFor = dialerFor

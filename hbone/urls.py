@@ -46,7 +46,6 @@ HOP_SCHEMES = {
     "h2r": (frozenset({"identity"}), "h2r://gw.example:15441?identity=spiffe://cluster.local/ns/default/sa/gw"),
 }
 PROXY_LISTENERS = frozenset({"http", "socks5", "socks4", "socks4a", "auto"})
-_PLANNED: set[str] = set()
 
 
 class URLError(ValueError):
@@ -137,9 +136,6 @@ def _checkScheme(scheme: str, known: dict, flag: str, text: str, kind: str) -> N
     if scheme in known:
         return
     supported = ", ".join(sorted(known))
-    if scheme in _PLANNED:
-        raise URLError(f"{flag} {text}: scheme {scheme!r} is not available in this build "
-                       f"(supported {kind} schemes: {supported})")
     if scheme == "mtls":
         raise URLError(f"{flag} {text}: 'mtls' is gost's multiplexed TLS; mutual TLS is what "
                        f"hbone:// always is (e.g. {known['hbone'][1]})")

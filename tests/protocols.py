@@ -1,4 +1,5 @@
-"""Test protocols shared by the suites: a half-closing echo and a one-shot client."""
+"""Test pieces shared by the suites: a half-closing echo, a one-shot client, and
+``waitFor`` (yield to the reactor until a condition holds, bounded in time)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,21 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
-__all__ = ["Echo", "Client"]
+__all__ = ["Echo", "Client", "waitFor"]
+
+
+async def waitFor(condition, seconds: float = 20.0, step: float = 0.01) -> None:
+    """Yield to the reactor until ``condition()``; fail after ``seconds``."""
+    import time
+
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{condition} did not hold within {seconds}s")
+        await deferLater(reactor, step, lambda: None)
 
 
 @implementer(IHalfCloseableProtocol)

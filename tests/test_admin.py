@@ -11,7 +11,6 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +29,7 @@ from hbone.metrics import NodeMetrics, closeReasonOf
 from hbone.service import Node, NodeSpec
 from hbone.urls import parseHop, parseListener
 from tests import pki
+from tests.protocols import waitFor
 from tests.adversarial.attacker import svidFiles
 from tests.conftest import pickFreePorts, requirePeer, waitForPort
 
@@ -219,11 +219,7 @@ class AdminTests(unittest.TestCase):
         return defer.Deferred.fromCoroutine(go())
 
     def test_browserShowsALiveTunnelAndItsEnd(self):
-        chromedriver = shutil.which("chromedriver")
-        chromium = shutil.which("chromium")
-        if not (chromedriver and chromium):
-            requirePeer("chromium", "chromedriver")
-            raise unittest.SkipTest("chromium/chromedriver not installed")
+        chromium, chromedriver = requirePeer("chromium", "chromedriver")
 
         async def go():
             server, client = await self.nodes()
@@ -264,11 +260,8 @@ class AdminTests(unittest.TestCase):
                 finally:
                     driver.quit()
 
-            closed = threading.Event()
-
             def closeTunnel():
                 reactor.callFromThread(proto.transport.loseConnection)
-                closed.set()
 
             shown, after, count = await threads.deferToThread(browse, closeTunnel)
             self.assertEqual(len(shown), 1, shown)
@@ -279,14 +272,6 @@ class AdminTests(unittest.TestCase):
         return defer.Deferred.fromCoroutine(go())
 
 
-async def waitFor(condition, seconds: float = 15.0):
-    from twisted.internet.task import deferLater
-
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{condition} did not hold within {seconds}s")
-        await deferLater(reactor, 0.01, lambda: None)
 
 
 # -- label safety (unit) ----------------------------------------------------------------

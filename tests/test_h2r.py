@@ -19,7 +19,7 @@ from hbone.h2r import Backoff, H2RRegistration, H2RStatus, parseBindings
 from hbone.service import Node, NodeConfigError, NodeSpec
 from hbone.urls import parseHop, parseListener
 from tests import pki
-from tests.protocols import Client, Echo
+from tests.protocols import Client, Echo, waitFor
 
 NODE_ID = f"spiffe://{pki.TD}/ns/default/sa/laptop"
 OTHER_ID = f"spiffe://{pki.TD}/ns/default/sa/intruder"
@@ -65,14 +65,6 @@ def test_nodeConfigErrors():
 
 
 
-async def waitFor(condition, seconds: float = 20.0):
-    from twisted.internet.task import deferLater
-
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{condition} did not hold within {seconds}s")
-        await deferLater(reactor, 0.01, lambda: None)
 
 
 class _H2RCase(unittest.TestCase):

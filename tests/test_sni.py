@@ -27,6 +27,7 @@ from hbone.service import Node, NodeSpec
 from hbone.sni import Router, RouteError, parseRoute
 from hbone.urls import parseHop, parseListener
 from tests import pki
+from tests.protocols import waitFor
 from tests.conftest import pickFreePorts, requirePeer, waitForPort
 from tests.test_clienthello import ext, handshake, records, sniExt
 
@@ -319,7 +320,7 @@ class SNIGatewayTests(unittest.TestCase):
                         s.sendall(wire[i:i + 300])
                     deadline = time.monotonic() + 10
                     while (not factory.conns or len(factory.conns[-1].data) < len(wire)) and time.monotonic() < deadline:
-                        await deferLater(0.01)
+                        await _sleep(0.01)
                 self.assertEqual(factory.conns[-1].data, wire)
             self.assertEqual((len(plain.conns), len(v1.conns)), (1, 1))
 
@@ -373,7 +374,7 @@ class SNIGatewayTests(unittest.TestCase):
                 s.sendall(records(handshake(sniExt((0, b"known.example")))))
                 deadline = time.monotonic() + 10
                 while not factory.conns and time.monotonic() < deadline:
-                    await deferLater(0.01)
+                    await _sleep(0.01)
             self.assertEqual(len(factory.conns), 1)
 
         return defer.Deferred.fromCoroutine(go())
@@ -446,18 +447,8 @@ class SNIGatewayTests(unittest.TestCase):
         return defer.Deferred.fromCoroutine(go())
 
 
-async def deferLater(seconds: float):
-    from twisted.internet.task import deferLater as _later
-
-    await _later(reactor, seconds, lambda: None)
 
 
-async def waitFor(condition, seconds: float = 15.0):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{condition} did not hold within {seconds}s")
-        await deferLater(0.01)
 
 
 # -- real processes: the command line and the config file, with openssl as client and server -----
@@ -555,3 +546,9 @@ def test_processes_opensslThroughTheGateway(tmp_path, mode):
         server.terminate()
         server.wait(10)
     assert codes == [0] * len(procs), "".join(l for p in procs for l in p.lines)
+
+
+async def _sleep(seconds: float) -> None:
+    from twisted.internet.task import deferLater
+
+    await deferLater(reactor, seconds, lambda: None)

@@ -1506,8 +1506,10 @@ class HBoneH2Factory(Factory):
         for conn in list(self.connections):
             conn.drain()
 
+    protocol = None  # a subclass of HBoneH2Protocol; None: HBoneH2Protocol itself
+
     def buildProtocol(self, addr):
-        p = HBoneH2Protocol(
+        p = (self.protocol or HBoneH2Protocol)(
             self.role,
             self.clock,
             self.settings,
