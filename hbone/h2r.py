@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import serialization
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
@@ -53,6 +53,7 @@ from hbone.errors import AccessDenied, HopUnreachable
 from hbone.h2.connection import ConnectionSettings, HBoneH2Factory, HBoneH2Protocol
 from hbone.identity import IdentityPattern
 from hbone.interfaces import IDialer
+from hbone.tlsio import TLSClientEndpoint
 
 __all__ = ["ALPN_H2R", "Backoff", "Registry", "RegistryDialer", "ExportDialer", "ReverseConnector",
            "H2RStatus", "H2RRegistration", "H2RServerEndpoint", "parseBindings", "gatewayFactory"]
@@ -476,7 +477,7 @@ class ReverseConnector(Service):
         creator = self.identity.clientCreator(self.identities, ALPN_H2R)
         factory = HBoneH2Factory("server", self.reactor, self.settings, self.tunnelServer, ALPN_H2R,
                                  self.identity.localId, self.nodeName, events=self.events)
-        conn = await wrapClientTLS(creator, self._tcp()).connect(factory)
+        conn = await TLSClientEndpoint(creator, self._tcp(), self.reactor).connect(factory)
         try:
             await conn.whenReady()
         except BaseException:

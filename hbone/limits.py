@@ -27,9 +27,9 @@ import socket
 from twisted.internet import defer, tcp
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from hbone.tlsio import HBoneTLSFactory
 from hbone.logs import RejectionLog
 
 __all__ = [
@@ -181,8 +181,8 @@ class ListenerGate:
             port.resumeAccepting("gate")
 
 
-class GatedTLSMemoryBIOFactory(TLSMemoryBIOFactory):
-    """:class:`TLSMemoryBIOFactory` carrying its listener's :class:`ListenerGate`
+class GatedTLSMemoryBIOFactory(HBoneTLSFactory):
+    """:class:`hbone.tlsio.HBoneTLSFactory` carrying its listener's :class:`ListenerGate`
     (a :class:`LimitedPort` finds it as ``listenerGate``)."""
 
     def __init__(self, contextFactory, isClient, wrappedFactory, gate: ListenerGate, clock=None) -> None:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from h2.errors import ErrorCodes
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -49,6 +49,7 @@ from hbone.dialer import TunnelRequest, connectErrorOf
 from hbone.errors import HopUnreachable, ResponseTimeout
 from hbone.splice import tuneTCP
 from hbone.h2.connection import ConnectionSettings, HBoneH2Factory, RefusedStream
+from hbone.tlsio import TLSClientEndpoint
 
 __all__ = ["HBoneHop", "Pool", "HBoneClientEndpoint", "TokenFileError", "readToken", "TLS_MODES"]
 
@@ -314,7 +315,7 @@ class Pool:
         if hop.tls == "none":
             endpoint, alpn = tcp, None
         else:
-            endpoint, alpn = wrapClientTLS(self._creator(hop), tcp), b"h2"
+            endpoint, alpn = TLSClientEndpoint(self._creator(hop), tcp, self.reactor), b"h2"
         localId = self.identity.localId if self.identity is not None else None
         factory = HBoneH2Factory("client", self.reactor, self.settings, None, alpn, localId, self.name,
                                  events=self.events)

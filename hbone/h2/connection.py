@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -40,6 +40,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
+from h2.stream import StreamState
 from h2.frame_buffer import FrameBuffer
 from hyperframe.frame import DataFrame, GoAwayFrame
 from twisted.internet import defer
@@ -207,6 +208,9 @@ _DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING, _GOAWA
 _END_STREAM = 0x1
 _END_HEADERS = 0x4
 _PADDED = 0x8
+_NOT_FAST = _END_STREAM | _PADDED  # DATA frames with these flags go to h2
+_RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)  # h2 stream states that accept DATA
+_SENDING = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)  # ... and that may send it
 _FRAME_HEADER = struct.Struct(">BHBBL")  # length (24 bits as 8 + 16), type, flags, stream id
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 #: After an error GOAWAY, incoming bytes are dropped, and past this many the
@@ -558,6 +562,14 @@ class HBoneH2Protocol(Protocol):
         self.streams: dict[int, H2TunnelStream] = {}
         self._responses: dict[int, defer.Deferred] = {}
         self._blocked: OrderedDict[int, H2TunnelStream] = OrderedDict()
+        # the DATA fast path (see _receive and _sendData)
+        self._openState = ConnectionState.CLIENT_OPEN if role == "client" else ConnectionState.SERVER_OPEN
+        self._rxPreface = len(_PREFACE) if role == "server" else 0  # preface bytes h2 still checks
+        self._rxHead = b""  # a frame header split across reads
+        self._rxRemain = 0  # bytes of the current frame still to come
+        self._rxFast = 0  # the stream whose DATA frame is being delivered directly (0: h2 has it)
+        self._out: list[bytes] = []  # output in order: h2's, and DATA frames framed here
+        self._outControl = 0  # bytes of h2's output in _out (the control-queue cap counts them)
         self._paused = False
         self._inReceive = False
         self.h2Started = False
@@ -765,22 +777,126 @@ class HBoneH2Protocol(Protocol):
     def _receive(self, data: bytes) -> None:
         self._inReceive = True
         try:
-            try:
-                events = self._conn.receive_data(data)
-            except ProtocolError as e:
-                self._protocolError(e)
+            if not self._split(data):
                 return
-            for event in events:
-                handler = self._handlers.get(type(event))
-                if handler is not None:
-                    handler(self, event)
-                if self.closed or self._h2Closed:
-                    return
         finally:
             self._inReceive = False
         self._flush()
         if self._pingSentAt is None and self._timer is None:
             self._schedule()
+
+    def _split(self, data: bytes) -> bool:
+        """Hand ``data`` to h2, except the payload of DATA frames on open streams,
+        which goes straight to the stream (the DATA fast path).
+
+        h2 parses a frame by copying it three times (into its buffer, out as a
+        slice, into ``bytes``) and builds objects per frame; the payload of a plain
+        DATA frame needs none of that. A frame takes the fast path when its header
+        says DATA, not PADDED, not END_STREAM, not empty, on a stream open both
+        here and in h2, within both receive windows (h2's window managers are
+        charged as h2 would charge them); its payload is then delivered as it
+        arrives, without waiting for the rest of the frame. Every other frame,
+        and any frame h2 must refuse, goes to h2 whole and in order, so h2 only
+        ever sees complete frames between fast ones. Limits were checked on the
+        frame headers already (:meth:`FrameAccounting.scan`). False once the
+        connection closed or stopped parsing."""
+        n = len(data)
+        pos = start = 0  # data[start:pos] is queued for h2
+        if self._rxPreface:  # server: the client preface is h2's to check
+            pos = min(self._rxPreface, n)
+            self._rxPreface -= pos
+        if self.accounting.off:
+            return self._toH2(data)
+        streams = self.streams
+        while pos < n:
+            remain = self._rxRemain
+            if remain:
+                take = n - pos if remain > n - pos else remain
+                self._rxRemain = remain - take
+                sid = self._rxFast
+                pos += take
+                if sid:
+                    if not self._fastData(sid, data if take == n else data[pos - take:pos]):
+                        return False
+                    start = pos
+                continue
+            hdrStart = pos
+            head = self._rxHead
+            if head:
+                need = 9 - len(head)
+                if n - pos < need:
+                    self._rxHead = head + data[pos:]
+                    return True
+                head += data[pos:pos + need]
+                self._rxHead = b""
+                pos += need
+                hi, lo, ftype, flags, sid = _FRAME_HEADER.unpack(head)
+            else:
+                if n - pos < 9:
+                    self._rxHead = data[pos:]  # held back until the header is whole
+                    return self._toH2(data[start:pos]) if pos > start else True
+                hi, lo, ftype, flags, sid = _FRAME_HEADER.unpack_from(data, pos)
+                pos += 9
+            length = (hi << 16) | lo
+            self._rxRemain = length
+            self._rxFast = 0
+            sid &= 0x7FFFFFFF
+            if ftype == _DATA and length and not flags & _NOT_FAST and sid in streams:
+                if hdrStart > start:  # what precedes may change this stream
+                    if not self._toH2(data[start:hdrStart]):
+                        return False
+                    start = hdrStart
+                if self._fastAccept(sid, length):
+                    self._rxFast = sid
+                    start = pos
+                    continue
+            if head:  # the header's first bytes came with the last read
+                if not self._toH2(data[start:hdrStart] + head if hdrStart > start else head):
+                    return False
+                start = pos
+        return self._toH2(data[start:pos]) if pos > start else True
+
+    def _toH2(self, data: bytes) -> bool:
+        try:
+            events = self._conn.receive_data(data)
+        except ProtocolError as e:
+            self._protocolError(e)
+            return False
+        handlers = self._handlers
+        for event in events:
+            handler = handlers.get(type(event))
+            if handler is not None:
+                handler(self, event)
+            if self.closed or self._h2Closed:
+                return False
+        return True
+
+    def _fastAccept(self, sid: int, length: int) -> bool:
+        """May this DATA frame bypass h2? If so, charge h2's receive windows as its
+        ``_receive_data_frame`` would (a frame over a window goes to h2, which
+        answers FLOW_CONTROL_ERROR)."""
+        conn = self._conn
+        if conn.state_machine.state is not self._openState:
+            return False
+        h2stream = conn.streams.get(sid)
+        if h2stream is None or h2stream.state_machine.state not in _RECEIVING:
+            return False
+        connWindow = conn._inbound_flow_control_window_manager
+        streamWindow = h2stream._inbound_window_manager
+        if length > connWindow.current_window_size or length > streamWindow.current_window_size:
+            return False
+        connWindow.current_window_size -= length
+        streamWindow.current_window_size -= length
+        return True
+
+    def _fastData(self, sid: int, payload: bytes) -> bool:
+        """Part of a fast-path DATA frame's payload, as :meth:`_onData` would take it."""
+        stream = self.streams.get(sid)
+        if stream is None or (self.role == "client" and not stream.responseReceived):
+            self._conn.acknowledge_received_data(len(payload), sid)  # credit the connection
+        else:
+            stream._dataReceived(payload, len(payload))
+        return not (self.closed or self._h2Closed)
 
     def _limitExceeded(self, code: int, key: str, reason: str) -> None:
         """A SECURITY §4.4 limit tripped: GOAWAY(``code``) naming the last stream
@@ -806,6 +922,8 @@ class HBoneH2Protocol(Protocol):
         # h2 has answered the whole read at once (its RST_STREAMs for a MadeYouReset
         # burst, PING ACKs...); none of that goes out, only the GOAWAY
         self._conn.clear_outbound_data_buffer()
+        self._out = []
+        self._outControl = 0
         self.goAway(code, self._lastProcessed)
         self._closeWhy = self._closeWhy or "limit"
         self._closeAfterGoAway()
@@ -1117,11 +1235,14 @@ class HBoneH2Protocol(Protocol):
                     buf.popleft()
                     stream._outbytes -= len(chunk)
                     end = stream._endPending and not buf
-                    conn.send_data(sid, chunk, end_stream=end)
+                    if end:
+                        conn.send_data(sid, chunk, end_stream=True)
+                    else:
+                        self._sendData(sid, chunk)
                     accounting.dataSent(len(chunk))
                     ended = ended or end
                 else:
-                    conn.send_data(sid, chunk[:n])
+                    self._sendData(sid, chunk[:n])
                     accounting.dataSent(n)
                     buf[0] = chunk[n:]
                     stream._outbytes -= n
@@ -1144,6 +1265,46 @@ class HBoneH2Protocol(Protocol):
             stream._drained()
         if ended:
             stream._sentEnd()
+
+    def _sendData(self, sid: int, chunk: bytes) -> None:
+        """One DATA frame without END_STREAM, within the windows and the peer's
+        frame size (the caller checked): framed here, h2's windows charged as its
+        ``send_data`` would, queued after whatever h2 has queued. h2 would build a
+        frame object and copy the payload twice; here it is a 9-byte header.
+        Anything unusual (a stream h2 no longer sends on) goes through h2."""
+        conn = self._conn
+        h2stream = conn.streams.get(sid)
+        if (
+            h2stream is None
+            or conn.state_machine.state is not self._openState
+            or h2stream.state_machine.state not in _SENDING
+        ):
+            conn.send_data(sid, chunk)
+            return
+        size = len(chunk)
+        conn.outbound_flow_control_window -= size
+        h2stream.outbound_flow_control_window -= size
+        out = self._out
+        queued = conn.data_to_send()
+        if queued:
+            out.append(queued)
+            self._outControl += len(queued)
+        out.append(_FRAME_HEADER.pack(size >> 16, size & 0xFFFF, _DATA, 0, sid))
+        out.append(chunk)
+
+    def _takeOutput(self) -> tuple[bytes, int]:
+        """Everything queued to send, in order, and how much of it is h2's own
+        (control frames and h2-framed DATA)."""
+        data = self._conn.data_to_send()
+        out = self._out
+        if not out:
+            return data, len(data)
+        control = self._outControl + len(data)
+        if data:
+            out.append(data)
+        self._out = []
+        self._outControl = 0
+        return b"".join(out), control
 
     def _sendBlocked(self) -> None:
         if self._paused or not self._blocked:
@@ -1221,10 +1382,10 @@ class HBoneH2Protocol(Protocol):
     def _flush(self) -> None:
         if self._inReceive or self.transport is None:
             return
-        data = self._conn.data_to_send()
+        data, control = self._takeOutput()
         if not data:
             return
-        if self._paused and not self.accounting.controlWritten(len(data)):
+        if self._paused and not self.accounting.controlWritten(control):
             self.rejections.log(
                 "h2:control_queue",
                 "{peer} ({identity}) is not reading: over {cap} bytes of control frames queued; aborting",
@@ -1320,7 +1481,7 @@ class HBoneH2Protocol(Protocol):
         if self.transport is None or self.closed:
             return
         if not self._h2Closed:
-            pending = self._conn.data_to_send()  # e.g. the END_STREAM that ended the last stream
+            pending, _ = self._takeOutput()  # e.g. the END_STREAM that ended the last stream
             if pending:
                 self.transport.write(pending)
         if self._registered:

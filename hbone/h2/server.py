@@ -13,7 +13,6 @@ from h2.errors import ErrorCodes
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from hbone.address import (
     AddressError,

@@ -1,0 +1,159 @@
+"""The TLS layer under every HBONE connection: Twisted's memory-BIO TLS protocol,
+with the bulk path batched.
+
+Twisted's :class:`~twisted.protocols.tls.TLSMemoryBIOProtocol` moves bytes through
+pyOpenSSL one record at a time: a large write is cut into 16 KiB slices, each
+encrypted by its own ``SSL_write`` and read back from the BIO by its own
+``bio_read``; received records are decrypted and handed to the protocol one by
+one (16 KiB each), so an HTTP/2 connection parses its input in 16 KiB pieces.
+Per record that is a handful of cffi calls, a slice copy and a pass through the
+protocol above. On the bulk path those calls cost about a third of the TLS CPU
+(docs/performance.md).
+
+:class:`HBoneTLSProtocol` keeps Twisted's state machine (handshake, shutdown,
+abort, producer) and changes three things:
+
+* a large write (>= :data:`LARGE_WRITE`) goes to OpenSSL as one ``SSL_write``
+  (OpenSSL still emits 16 KiB records) instead of being copied into the
+  small-write aggregator; small writes are aggregated as Twisted does;
+* the send BIO is drained completely after each write, in
+  :data:`BIO_READ_SIZE` reads;
+* decrypted records are gathered and delivered together, up to
+  :data:`MAX_DELIVERY` bytes at a time (one socket read's worth), instead of one
+  ``dataReceived`` per record.
+
+Bounded memory holds: gathering never exceeds what arrived in one
+``dataReceived`` plus :data:`MAX_DELIVERY`, and a write is encrypted only when
+the protocol above writes (the TCP transport's high-water mark still pauses it).
+``tests/test_tlsio.py`` pins the Twisted internals this relies on.
+"""
+
+from __future__ import annotations
+
+from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = ["HBoneTLSProtocol", "HBoneTLSFactory", "TLSClientEndpoint", "LARGE_WRITE", "MAX_DELIVERY"]
+
+LARGE_WRITE = 16 * 1024  # writes this large skip the small-write aggregator
+BIO_READ_SIZE = 256 * 1024  # ciphertext read from the send BIO per call
+RECORD_READ_SIZE = 32 * 1024  # plaintext asked of SSL_read (a record is at most 16 KiB)
+MAX_DELIVERY = 256 * 1024  # decrypted bytes gathered before one dataReceived
+
+
+class HBoneTLSProtocol(BufferingTLSTransport):
+    """:class:`BufferingTLSTransport` with batched encryption and delivery."""
+
+    def __init__(self, factory, wrappedProtocol, _connectWrapped: bool = True) -> None:
+        super().__init__(factory, wrappedProtocol, _connectWrapped)
+        self.write = self._write_or_aggregate  # replaces the aggregator's bound write
+
+    def _write_or_aggregate(self, data: bytes) -> None:
+        if len(data) < LARGE_WRITE:
+            self._aggregator.write(data)
+            return
+        self._aggregator.flush()  # what was aggregated goes first
+        TLSMemoryBIOProtocol.write(self, data)
+
+    def writeSequence(self, sequence) -> None:
+        self.write(b"".join(sequence))
+
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)  # swaps in a null aggregator and its write
+
+    def _write(self, data: bytes) -> None:
+        if self._lostTLSConnection:
+            return
+        view = memoryview(data)
+        offset = 0
+        total = len(data)
+        while offset < total:
+            try:
+                sent = self._tlsConnection.send(view[offset:] if offset else data)
+            except WantReadError:
+                self._bufferedWrite(bytes(view[offset:]))
+                break
+            except Error:
+                self._tlsShutdownFinished(Failure())
+                break
+            offset += sent
+        self._flushSendBIO()
+
+    def _flushSendBIO(self) -> None:
+        tls = self._tlsConnection
+        if tls is None:
+            return
+        out = []
+        while True:
+            try:
+                chunk = tls.bio_read(BIO_READ_SIZE)
+            except WantReadError:
+                break
+            out.append(chunk)
+            if len(chunk) < BIO_READ_SIZE:
+                break
+        if not out:
+            return
+        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _flushReceiveBIO(self) -> None:
+        tls = self._tlsConnection
+        chunks: list[bytes] = []
+        size = 0
+        while not self._lostTLSConnection:
+            try:
+                data = tls.recv(RECORD_READ_SIZE)
+            except WantReadError:
+                break
+            except ZeroReturnError:
+                # the peer's close_notify: what came before it is delivered first
+                self._deliver(chunks)
+                chunks, size = [], 0
+                if self._lostTLSConnection:
+                    break
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except Error:
+                failure = Failure()
+                self._deliver(chunks)
+                chunks, size = [], 0
+                self._tlsShutdownFinished(failure)
+            else:
+                chunks.append(data)
+                size += len(data)
+                if size >= MAX_DELIVERY:
+                    self._deliver(chunks)
+                    chunks, size = [], 0
+        self._deliver(chunks)
+        if self._tlsConnection is not None:
+            self._flushSendBIO()
+
+    def _deliver(self, chunks: list[bytes]) -> None:
+        if not chunks or self._aborted:
+            return
+        ProtocolWrapper.dataReceived(self, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+
+class HBoneTLSFactory(TLSMemoryBIOFactory):
+    """:class:`TLSMemoryBIOFactory` building :class:`HBoneTLSProtocol`."""
+
+    protocol = HBoneTLSProtocol
+
+
+@implementer(IStreamClientEndpoint)
+class TLSClientEndpoint:
+    """``wrapClientTLS`` with :class:`HBoneTLSFactory`: TLS over any stream client
+    endpoint; ``connect`` fires with the application protocol."""
+
+    def __init__(self, connectionCreator, wrappedEndpoint, clock=None) -> None:
+        self._creator = connectionCreator
+        self._endpoint = wrappedEndpoint
+        self._clock = clock
+
+    def connect(self, protocolFactory):
+        factory = HBoneTLSFactory(self._creator, True, protocolFactory, clock=self._clock)
+        return self._endpoint.connect(factory).addCallback(lambda proto: proto.wrappedProtocol)
