@@ -25,6 +25,7 @@ import struct
 from typing import Callable
 
 from h2.errors import ErrorCodes
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -45,17 +46,21 @@ READ_SIZE = 256 * 1024
 def tuneTCP(transport, readSize: int = READ_SIZE) -> None:
     """Set TCP_NODELAY and the read size on the TCP socket under ``transport``
     (through a TLS layer, if any). Without TCP_NODELAY a new tunnel's first small
-    writes wait on Nagle and delayed ACKs (~40 ms each way)."""
-    for _ in range(3):
+    writes wait on Nagle and delayed ACKs (~40 ms each way).
+
+    The socket's transport is found by type: a TLS layer forwards unknown
+    attributes to the transport beneath it (``ProtocolWrapper.__getattr__``),
+    so a duck-typed check would set the read size on the TLS layer instead."""
+    for _ in range(4):
         if transport is None:
             return
-        setNoDelay = getattr(transport, "setTcpNoDelay", None)
-        if setNoDelay is not None and hasattr(transport, "socket"):
-            try:
-                setNoDelay(True)
-            except OSError:
-                pass
-            transport.bufferSize = readSize
+        if isinstance(transport, FileDescriptor):
+            if hasattr(transport, "setTcpNoDelay") and hasattr(transport, "socket"):
+                try:
+                    transport.setTcpNoDelay(True)
+                except OSError:
+                    pass
+                transport.bufferSize = readSize
             return
         transport = getattr(transport, "transport", None)
 
