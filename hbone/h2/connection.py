@@ -525,6 +525,9 @@ class HBoneH2Protocol(Protocol):
     """
 
     log = Logger()
+    #: The DATA fast path (:meth:`_split`, :meth:`_sendData`); False sends every
+    #: frame through h2 (for comparison in tests and measurements).
+    fastPath = True
 
     def __init__(
         self,
@@ -805,7 +808,7 @@ class HBoneH2Protocol(Protocol):
         if self._rxPreface:  # server: the client preface is h2's to check
             pos = min(self._rxPreface, n)
             self._rxPreface -= pos
-        if self.accounting.off:
+        if self.accounting.off or not self.fastPath:
             return self._toH2(data)
         streams = self.streams
         while pos < n:
@@ -1276,6 +1279,7 @@ class HBoneH2Protocol(Protocol):
         h2stream = conn.streams.get(sid)
         if (
             h2stream is None
+            or not self.fastPath
             or conn.state_machine.state is not self._openState
             or h2stream.state_machine.state not in _SENDING
         ):
