@@ -20,7 +20,11 @@ abort, producer) and changes three things:
   :data:`BIO_READ_SIZE` reads;
 * decrypted records are gathered and delivered together, up to
   :data:`MAX_DELIVERY` bytes at a time (one socket read's worth), instead of one
-  ``dataReceived`` per record.
+  ``dataReceived`` per record. Once the handshake is done they are decrypted by
+  ``SSL_read`` straight into one buffer (pyOpenSSL's own binding, the one its
+  ``recv`` calls), so a record costs one C call instead of pyOpenSSL's
+  per-call buffer, copy and error check; anything but data or "want read"
+  is left to pyOpenSSL's ``recv``, which raises what Twisted expects.
 
 Bounded memory holds: gathering never exceeds what arrived in one
 ``dataReceived`` plus :data:`MAX_DELIVERY`, and a write is encrypted only when
@@ -43,6 +47,17 @@ LARGE_WRITE = 16 * 1024  # writes this large skip the small-write aggregator
 BIO_READ_SIZE = 256 * 1024  # ciphertext read from the send BIO per call
 RECORD_READ_SIZE = 32 * 1024  # plaintext asked of SSL_read (a record is at most 16 KiB)
 MAX_DELIVERY = 256 * 1024  # decrypted bytes gathered before one dataReceived
+
+try:  # pyOpenSSL's cffi binding (cryptography's): SSL_read into our own buffer
+    from OpenSSL._util import ffi as _ffi, lib as _lib
+
+    _SSL_read = _lib.SSL_read
+    _SSL_get_error = _lib.SSL_get_error
+    _WANT_READ = _lib.SSL_ERROR_WANT_READ
+    _buffer = _ffi.buffer
+    _gather = _ffi.new("char[]", MAX_DELIVERY + RECORD_READ_SIZE)  # one per process: copied out before delivery
+except (ImportError, AttributeError):  # pragma: no cover - another pyOpenSSL layout: the portable loop
+    _SSL_read = None
 
 
 class HBoneTLSProtocol(BufferingTLSTransport):
@@ -102,6 +117,29 @@ class HBoneTLSProtocol(BufferingTLSTransport):
 
     def _flushReceiveBIO(self) -> None:
         tls = self._tlsConnection
+        if _SSL_read is not None and self._handshakeDone and not self._lostTLSConnection:
+            ssl = tls._ssl
+            buf = _gather
+            size = 0
+            while True:
+                n = _SSL_read(ssl, buf + size, RECORD_READ_SIZE)
+                if n > 0:
+                    size += n
+                    if size >= MAX_DELIVERY:
+                        self._deliver([_buffer(buf, size)[:]])
+                        size = 0
+                        if self._lostTLSConnection:
+                            return
+                    continue
+                if _SSL_get_error(ssl, n) == _WANT_READ:
+                    if size:
+                        self._deliver([_buffer(buf, size)[:]])
+                    if self._tlsConnection is not None:
+                        self._flushSendBIO()
+                    return
+                if size:  # what came before the alert or error, first
+                    self._deliver([_buffer(buf, size)[:]])
+                break  # pyOpenSSL's recv below raises the right exception
         chunks: list[bytes] = []
         size = 0
         while not self._lostTLSConnection:
