@@ -16,8 +16,11 @@ abort, producer) and changes three things:
 * a large write (>= :data:`LARGE_WRITE`) goes to OpenSSL as one ``SSL_write``
   (OpenSSL still emits 16 KiB records) instead of being copied into the
   small-write aggregator; small writes are aggregated as Twisted does;
-* the send BIO is drained completely after each write, in
-  :data:`BIO_READ_SIZE` reads;
+* the send BIO is drained completely after each write, into one buffer;
+* ``writeSequence`` (how HTTP/2 hands over a DATA frame: a 9-byte header and
+  the payload as read from the socket) encrypts the pieces in place: small
+  pieces are joined with the first bytes of the next large one to fill a
+  record, and the rest of it is encrypted without being copied;
 * decrypted records are gathered and delivered together, up to
   :data:`MAX_DELIVERY` bytes at a time (one socket read's worth), instead of one
   ``dataReceived`` per record. Once the handshake is done they are decrypted by
@@ -44,7 +47,8 @@ from zope.interface import implementer
 __all__ = ["HBoneTLSProtocol", "HBoneTLSFactory", "TLSClientEndpoint", "LARGE_WRITE", "MAX_DELIVERY"]
 
 LARGE_WRITE = 16 * 1024  # writes this large skip the small-write aggregator
-BIO_READ_SIZE = 256 * 1024  # ciphertext read from the send BIO per call
+BIO_READ_SIZE = 512 * 1024  # ciphertext read from the send BIO per call
+RECORD_SIZE = 16 * 1024  # TLS plaintext per record
 RECORD_READ_SIZE = 32 * 1024  # plaintext asked of SSL_read (a record is at most 16 KiB)
 MAX_DELIVERY = 256 * 1024  # decrypted bytes gathered before one dataReceived
 
@@ -55,9 +59,12 @@ try:  # pyOpenSSL's cffi binding (cryptography's): SSL_read into our own buffer
     _SSL_get_error = _lib.SSL_get_error
     _WANT_READ = _lib.SSL_ERROR_WANT_READ
     _buffer = _ffi.buffer
-    _gather = _ffi.new("char[]", MAX_DELIVERY + RECORD_READ_SIZE)  # one per process: copied out before delivery
-except (ImportError, AttributeError):  # pragma: no cover - another pyOpenSSL layout: the portable loop
-    _SSL_read = None
+    _BIO_read = _lib.BIO_read
+    # one of each per process (the reactor is one thread): copied out before use
+    _gather = _ffi.new("char[]", MAX_DELIVERY + RECORD_READ_SIZE)
+    _drain = _ffi.new("char[]", BIO_READ_SIZE)
+except (ImportError, AttributeError):  # pragma: no cover - another pyOpenSSL layout: the portable loops
+    _SSL_read = _BIO_read = None
 
 
 class HBoneTLSProtocol(BufferingTLSTransport):
@@ -75,13 +82,55 @@ class HBoneTLSProtocol(BufferingTLSTransport):
         TLSMemoryBIOProtocol.write(self, data)
 
     def writeSequence(self, sequence) -> None:
-        self.write(b"".join(sequence))
+        pieces = list(sequence)
+        if len(pieces) == 1:
+            self.write(pieces[0])
+            return
+        if (
+            sum(map(len, pieces)) < LARGE_WRITE
+            or not self._handshakeDone
+            or self._appSendBuffer
+            or self._lostTLSConnection
+        ):
+            self.write(b"".join(pieces))
+            return
+        self._aggregator.flush()
+        if self.disconnecting and self._producer is None:
+            return  # as TLSMemoryBIOProtocol.write: nothing after loseConnection
+        small: list[bytes] = []
+        for piece in pieces:
+            if len(piece) < LARGE_WRITE:
+                small.append(piece)
+                continue
+            if small:
+                head = b"".join(small)
+                small = []
+                fill = RECORD_SIZE - len(head)
+                if fill > 0:  # fill the record with the start of the large piece
+                    head += piece[:fill]
+                    piece = memoryview(piece)[fill:]
+                self._encrypt(head)
+            self._encrypt(piece)
+        if small:
+            self._encrypt(b"".join(small))
+        self._flushSendBIO()
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)  # swaps in a null aggregator and its write
 
     def _write(self, data: bytes) -> None:
         if self._lostTLSConnection:
+            return
+        self._encrypt(data)
+        self._flushSendBIO()
+
+    def _encrypt(self, data) -> None:
+        """Hand ``data`` (bytes or a memoryview) to OpenSSL; what it cannot take
+        yet is kept, in order, for after the handshake (Twisted's buffer)."""
+        if self._lostTLSConnection:
+            return
+        if self._appSendBuffer:
+            self._bufferedWrite(bytes(data))
             return
         view = memoryview(data)
         offset = 0
@@ -96,13 +145,24 @@ class HBoneTLSProtocol(BufferingTLSTransport):
                 self._tlsShutdownFinished(Failure())
                 break
             offset += sent
-        self._flushSendBIO()
 
     def _flushSendBIO(self) -> None:
         tls = self._tlsConnection
         if tls is None:
             return
         out = []
+        if _BIO_read is not None:
+            bio = tls._from_ssl
+            while True:
+                n = _BIO_read(bio, _drain, BIO_READ_SIZE)
+                if n <= 0:  # empty (a memory BIO asks to retry)
+                    break
+                out.append(_buffer(_drain, n)[:])
+                if n < BIO_READ_SIZE:
+                    break
+            if out:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            return
         while True:
             try:
                 chunk = tls.bio_read(BIO_READ_SIZE)

@@ -57,7 +57,8 @@ class Collector(Protocol):
         self.chunks.append(data)
 
     def connectionLost(self, reason) -> None:
-        self.lost.callback(reason)
+        self.reason = reason
+        self.lost.callback(None)
 
     @property
     def data(self) -> bytes:

@@ -220,6 +220,10 @@ DISCARD_AFTER_GOAWAY = 65536
 #: WINDOW_UPDATE budget: peers acknowledge per read, not per frame, and hbone's
 #: frames go up to 1 MiB (Envoy's ratio of 10 assumes 16 KiB frames).
 DATA_FRAME_UNIT = 16384
+#: Bytes of frames h2 is given at once (whole frames; DATA on the fast path is
+#: not counted): what it answers is checked against the control-queue cap
+#: after each piece, as it was when TLS delivered one 16 KiB record at a time.
+H2_SEGMENT = 16384
 
 
 class LimitExceeded(tuple):
@@ -824,6 +828,13 @@ class HBoneH2Protocol(Protocol):
                     start = pos
                 continue
             hdrStart = pos
+            if hdrStart - start >= H2_SEGMENT:
+                # h2 answers what it parses (PING ACKs, RST_STREAMs...) into its
+                # queue; feed it a piece at a time so a peer that is not reading
+                # is caught within a piece, not a whole read (SECURITY §4.4)
+                if not self._toH2(data[start:hdrStart]) or not self._controlQueueOK():
+                    return False
+                start = hdrStart
             head = self._rxHead
             if head:
                 need = 9 - len(head)
@@ -858,6 +869,31 @@ class HBoneH2Protocol(Protocol):
                     return False
                 start = pos
         return self._toH2(data[start:pos]) if pos > start else True
+
+    def _controlQueueOK(self) -> bool:
+        """While our transport is paused: is what h2 queued within
+        ``maxControlBytesWhilePaused``? If not, the connection is aborted."""
+        if not self._paused:
+            return True
+        queued = self._conn.data_to_send()
+        if queued:
+            self._out.append(queued)
+            self._outControl += len(queued)
+        if self.accounting.controlBytesWhilePaused + self._outControl <= self.settings.maxControlBytesWhilePaused:
+            return True
+        self.accounting.controlWritten(self._outControl)  # the peak, for the record
+        self._controlQueueExceeded()
+        return False
+
+    def _controlQueueExceeded(self) -> None:
+        self.rejections.log(
+            "h2:control_queue",
+            "{peer} ({identity}) is not reading: over {cap} bytes of control frames queued; aborting",
+            peer=_fmtPeer(self.transport),
+            identity=str(self.peerIdentity),
+            cap=self.settings.maxControlBytesWhilePaused,
+        )
+        self._abort(ConnectionLost("peer stopped reading"))
 
     def _toH2(self, data: bytes) -> bool:
         try:
@@ -1296,19 +1332,20 @@ class HBoneH2Protocol(Protocol):
         out.append(_FRAME_HEADER.pack(size >> 16, size & 0xFFFF, _DATA, 0, sid))
         out.append(chunk)
 
-    def _takeOutput(self) -> tuple[bytes, int]:
-        """Everything queued to send, in order, and how much of it is h2's own
+    def _takeOutput(self) -> tuple[list[bytes], int]:
+        """Everything queued to send, in order (a list, for ``writeSequence``: a
+        DATA payload is not copied here), and how much of it is h2's own
         (control frames and h2-framed DATA)."""
         data = self._conn.data_to_send()
         out = self._out
         if not out:
-            return data, len(data)
+            return ([data] if data else []), len(data)
         control = self._outControl + len(data)
         if data:
             out.append(data)
         self._out = []
         self._outControl = 0
-        return b"".join(out), control
+        return out, control
 
     def _sendBlocked(self) -> None:
         if self._paused or not self._blocked:
@@ -1390,16 +1427,12 @@ class HBoneH2Protocol(Protocol):
         if not data:
             return
         if self._paused and not self.accounting.controlWritten(control):
-            self.rejections.log(
-                "h2:control_queue",
-                "{peer} ({identity}) is not reading: over {cap} bytes of control frames queued; aborting",
-                peer=_fmtPeer(self.transport),
-                identity=str(self.peerIdentity),
-                cap=self.settings.maxControlBytesWhilePaused,
-            )
-            self._abort(ConnectionLost("peer stopped reading"))
+            self._controlQueueExceeded()
             return
-        self.transport.write(data)
+        if len(data) == 1:
+            self.transport.write(data[0])
+        else:
+            self.transport.writeSequence(data)
 
     # -- GOAWAY ----------------------------------------------------------------
 
@@ -1487,7 +1520,7 @@ class HBoneH2Protocol(Protocol):
         if not self._h2Closed:
             pending, _ = self._takeOutput()  # e.g. the END_STREAM that ended the last stream
             if pending:
-                self.transport.write(pending)
+                self.transport.writeSequence(pending)
         if self._registered:
             self._registered = False
             self.transport.unregisterProducer()
