@@ -259,9 +259,10 @@ def _run(reactor, nodes, ready, configPath=None) -> int:
         status["code"] = 1
         stop()
 
-    from hbone.limits import raiseFileLimit
+    from hbone.limits import raiseFileLimit, tuneMalloc
 
     raiseFileLimit()
+    tuneMalloc()
     reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(start()).addErrback(boom))
     reactor.run()
     return status["code"]

@@ -105,10 +105,11 @@ class Options(usage.Options):
 def makeService(options: Options):
     from twisted.internet import reactor
 
-    from hbone.limits import raiseFileLimit
+    from hbone.limits import raiseFileLimit, tuneMalloc
     from hbone.service import Node, NodeConfigError
 
     raiseFileLimit()
+    tuneMalloc()
 
     from twisted.application.service import MultiService
 
