@@ -150,6 +150,17 @@ class HBoneTLSProtocol(BufferingTLSTransport):
         tls = self._tlsConnection
         if tls is None:
             return
+        if self._aborted:
+            # abortConnection discards what is not sent (ITransport): Twisted's
+            # own close_notify, written just before its TCP abort, included.
+            # Bytes reach the kernel at once now (splice.tuneTCP), so they are
+            # dropped here rather than in the TCP transport's queue.
+            try:
+                while tls.bio_read(BIO_READ_SIZE):
+                    pass
+            except WantReadError:
+                pass
+            return
         out = []
         if _BIO_read is not None:
             bio = tls._from_ssl

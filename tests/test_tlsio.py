@@ -7,7 +7,9 @@ Real TLS 1.3 with SPIFFE certificates over real sockets on 127.0.0.1:
 * small writes are still aggregated; writes keep their order across the two
   paths; data before the peer's close_notify is delivered before
   ``connectionLost``;
-* ``tuneTCP`` reaches the socket under a TLS layer;
+* ``tuneTCP`` reaches the socket under a TLS layer; a write with nothing queued is
+  sent at once, and past what the kernel takes, Twisted's queue and producer
+  pause take over (bytes in order, none lost);
 * the Twisted internals :class:`hbone.tlsio.HBoneTLSProtocol` overrides or calls
   are still there (a Twisted upgrade that moves them fails here first).
 """
@@ -20,9 +22,11 @@ import socket
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols import tls as twistedTLS
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from hbone.splice import READ_SIZE, tuneTCP
 from hbone.tlsio import LARGE_WRITE, HBoneTLSFactory, HBoneTLSProtocol, TLSClientEndpoint
@@ -151,3 +155,62 @@ class TLSLayerTests(unittest.TestCase):
         assert tcp.bufferSize == READ_SIZE
         assert tcp.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         assert "bufferSize" not in vars(tlsLayer)  # not set on the TLS layer by mistake
+        assert "write" in vars(tcp)  # sends at once
+
+
+class Stalled(Protocol):
+    """Does not read until told to; then collects."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+
+@implementer(IPushProducer)
+class Source:
+    def __init__(self) -> None:
+        self.paused = 0
+
+    def pauseProducing(self) -> None:
+        self.paused += 1
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class SendAtOnceTests(unittest.TestCase):
+    timeout = 60
+
+    async def test_sentAtOnceThenQueuedWithBackpressure(self) -> None:
+        servers: list[Stalled] = []
+        port = reactor.listenTCP(0, Factory.forProtocol(lambda: servers.append(Stalled()) or servers[-1]),
+                                 interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+            Factory.forProtocol(Tuned))
+        tcp = client.transport
+        self.addCleanup(tcp.abortConnection)
+        source = Source()
+        tcp.registerProducer(source, True)
+        tcp.write(b"first")
+        assert tcp._tempDataBuffer == [] and tcp.dataBuffer == b""  # in the kernel already
+        sent = [b"first"]
+        for i in range(128):  # 32 MiB: far more than the socket buffers hold
+            piece = bytes([i]) * (256 * 1024)
+            tcp.write(piece)
+            sent.append(piece)
+        queued = len(tcp.dataBuffer) - tcp.offset + tcp._tempDataLen
+        assert queued > 8 * MiB  # the rest waits in Twisted's queue...
+        assert source.paused  # ...and the producer was told to pause
+        await waitFor(lambda: servers, 10)
+        servers[0].transport.resumeProducing()
+        await waitFor(lambda: sum(map(len, servers[0].chunks)) == sum(map(len, sent)), 30)
+        assert b"".join(servers[0].chunks) == b"".join(sent)
