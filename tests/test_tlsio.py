@@ -155,7 +155,8 @@ class TLSLayerTests(unittest.TestCase):
         assert tcp.bufferSize == READ_SIZE
         assert tcp.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         assert "bufferSize" not in vars(tlsLayer)  # not set on the TLS layer by mistake
-        assert "write" in vars(tcp)  # sends at once
+        assert type(tcp).write is not type(tcp).__mro__[1].write  # sends at once
+        assert "write" not in vars(tcp)  # nothing added per connection
 
 
 class Stalled(Protocol):
