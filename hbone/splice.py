@@ -50,7 +50,8 @@ def tuneTCP(transport, readSize: int = READ_SIZE) -> None:
 
     The socket's transport is found by type: a TLS layer forwards unknown
     attributes to the transport beneath it (``ProtocolWrapper.__getattr__``),
-    so a duck-typed check would set the read size on the TLS layer instead."""
+    so a duck-typed check would set the read size on the TLS layer instead.
+    Its writes are then sent at once when nothing is queued (:func:`_sendAtOnce`)."""
     for _ in range(4):
         if transport is None:
             return

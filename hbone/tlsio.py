@@ -115,9 +115,6 @@ class HBoneTLSProtocol(BufferingTLSTransport):
             self._encrypt(b"".join(small))
         self._flushSendBIO()
 
-    def connectionLost(self, reason) -> None:
-        super().connectionLost(reason)  # swaps in a null aggregator and its write
-
     def _write(self, data: bytes) -> None:
         if self._lostTLSConnection:
             return
