@@ -64,6 +64,16 @@ def _fail(message: str) -> EndpointStringError:
     return EndpointStringError(f"hbone: endpoint string: {message} (e.g. {EXAMPLE})")
 
 
+def _checkFields(args, kwargs, fields, fail) -> None:
+    """Every field is key=value and one of ``fields``; ``fail`` makes the error."""
+    if args:
+        raise fail(rf"stray field {args[0]!r}: every field is key=value, and a ':' inside a "
+                   rf"value is written '\:'")
+    unknown = sorted(set(kwargs) - set(fields))
+    if unknown:
+        raise fail(f"unknown field {unknown[0]}=; the fields are {', '.join(fields)}")
+
+
 # reactor -> {identity files: (Identity, Pool)}, until closeEndpointPools or shutdown
 _pools: dict[object, dict[tuple, tuple]] = {}
 # reactor -> the "before shutdown" trigger that closes its pools
@@ -180,12 +190,7 @@ def _identitiesOf(value: str | None):
 
 def parseClient(reactor, *args: str, **kwargs: str):
     """``clientFromString``'s fields -> an :class:`hbone.h2.client.HBoneClientEndpoint`."""
-    if args:
-        raise _fail(rf"stray field {args[0]!r}: every field is key=value, and a ':' inside a "
-                    rf"value is written '\:' (target=127.0.0.1\:9000)")
-    unknown = sorted(set(kwargs) - set(FIELDS))
-    if unknown:
-        raise _fail(f"unknown field {unknown[0]}=; the fields are {', '.join(FIELDS)}")
+    _checkFields(args, kwargs, FIELDS, _fail)
     if not kwargs.get("host"):
         raise _fail("host= missing: the HBONE peer's address")
     port = _portOf(kwargs.get("port", "15008"))
@@ -252,12 +257,7 @@ def parseH2RServer(reactor, *args: str, **kwargs: str):
     ``port``); ``name`` the name the gateway binds to our identity; ``expose`` the
     port(s) of that name served by the factory (comma-separated); our identity
     (``certs`` or ``cert``/``key``/``ca``); ``identity`` the gateway's SPIFFE ID."""
-    if args:
-        raise _h2rFail(rf"stray field {args[0]!r}: every field is key=value, and a ':' inside a value is "
-                       rf"written '\:'")
-    unknown = sorted(set(kwargs) - set(H2R_FIELDS))
-    if unknown:
-        raise _h2rFail(f"unknown field {unknown[0]}=; the fields are {', '.join(H2R_FIELDS)}")
+    _checkFields(args, kwargs, H2R_FIELDS, _h2rFail)
     hosts = [h.strip() for h in kwargs.get("host", "").split(",") if h.strip()]
     if not hosts:
         raise _h2rFail("host= missing: the gateway's address")
